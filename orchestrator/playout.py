@@ -1,0 +1,83 @@
+"""Bot audio toward the caller at real-time pace, with a small lead.
+
+Audio leaves at the pace it will be heard, so an interruption can still drop what has
+not been played. Markers (bot text as spoken, end of reply) travel in the same queue and
+fire when the audio before them has been sent, which is what "as spoken" means here.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from voicemesh.v1 import orchestrator_pb2 as pb
+
+
+@dataclass
+class _Audio:
+    message: pb.ConverseResponse
+    seconds: float
+    turn_number: int
+
+
+@dataclass
+class _Marker:
+    fire: Callable[[], None]
+
+
+class Playout:
+    def __init__(self, send: Callable[[pb.ConverseResponse], None], lead_seconds: float = 0.25):
+        self._send = send
+        self._lead = lead_seconds
+        self._queue: asyncio.Queue[_Audio | _Marker] = asyncio.Queue()
+        self._clock_start: float | None = None  # wall time of the current reply's first sample
+        self._sent_seconds = 0.0
+        self._generation = 0  # bumped by clear(), so a chunk caught mid-wait is dropped too
+        self.on_first_audio: Callable[[int], None] = lambda turn_number: None
+
+    def audio(self, message: pb.ConverseResponse, seconds: float, turn_number: int) -> None:
+        self._queue.put_nowait(_Audio(message, seconds, turn_number))
+
+    def marker(self, fire: Callable[[], None]) -> None:
+        self._queue.put_nowait(_Marker(fire))
+
+    def clear(self) -> int:
+        """Drop everything not yet sent (barge-in). Returns how many audio chunks were dropped."""
+        dropped = 0
+        while not self._queue.empty():
+            dropped += isinstance(self._queue.get_nowait(), _Audio)
+        self._clock_start = None
+        self._generation += 1
+        return dropped
+
+    async def drained(self) -> None:
+        """Wait until everything queued so far has been sent."""
+        done = asyncio.get_running_loop().create_future()
+        self.marker(lambda: done.done() or done.set_result(None))
+        await done
+
+    async def run(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Marker):
+                item.fire()
+                continue
+            now = time.monotonic()
+            if self._clock_start is None or now > self._clock_start + self._sent_seconds:
+                # Starting, or the producer fell behind real time: restart the clock now.
+                if self._clock_start is None:
+                    self.on_first_audio(item.turn_number)
+                self._clock_start, self._sent_seconds = now, 0.0
+            delay = self._clock_start + self._sent_seconds - self._lead - now
+            if delay > 0:
+                generation = self._generation
+                await asyncio.sleep(delay)
+                if generation != self._generation:
+                    continue
+            self._send(item.message)
+            self._sent_seconds += item.seconds
+
+    def reset_clock(self) -> None:
+        """The reply is over: the next audio starts a new clock (and a new first-audio event)."""
+        self._clock_start = None

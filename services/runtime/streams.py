@@ -1,0 +1,35 @@
+"""Helpers for bidirectional stream handlers: read requests in a task, yield results, fail fast."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+
+
+async def with_reader(reader: Awaitable[None], results: AsyncIterator) -> AsyncIterator:
+    """Yield from `results` while `reader` consumes the request stream in its own task.
+
+    If the reader fails (bad input), its exception is raised here at once, even while no
+    result is pending, so the handler can turn it into a status. The reader is cancelled
+    when the results end or the consumer goes away.
+    """
+    reader_task = asyncio.ensure_future(reader)
+    iterator = aiter(results)
+    try:
+        while True:
+            next_result = asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait({next_result, reader_task}, return_when=asyncio.FIRST_COMPLETED)
+            if reader_task in done and reader_task.exception() is not None and next_result not in done:
+                next_result.cancel()
+                raise reader_task.exception()
+            if next_result not in done:
+                # The reader finished cleanly; keep draining results until they end.
+                done, _ = await asyncio.wait({next_result})
+            try:
+                yield next_result.result()
+            except StopAsyncIteration:
+                break
+    finally:
+        if not reader_task.done():
+            reader_task.cancel()
+        elif not reader_task.cancelled() and reader_task.exception() is not None:
+            raise reader_task.exception()

@@ -1,0 +1,393 @@
+"""Embedded Whisper STT: faster-whisper (CTranslate2), int8 on the CPU.
+
+Whisper is not a streaming model: its encoder always runs on a full 30 s window, so one
+decode costs ~0.4-0.6 s (base, 2 threads) whatever the audio length. Streaming is built on
+top: a stream keeps the last 30 s of audio; the open utterance (turn_start .. finalize) is
+re-decoded as it grows for interim results, and once more at finalize for the final one.
+
+Decodes use faster-whisper's BatchedInferencePipeline on one clip: it decodes the window
+once (greedy, no VAD, no timestamp tokens) and aligns words for ~5-15% more time, whereas
+the sequential `transcribe` with word timestamps seeks past the last word and decodes the
+trailing silence again (measured ~4x slower; it hallucinated "Thanks." there). That
+pipeline skips Whisper's no-speech rule, so we apply it ourselves.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+from voicemesh.runtime.config import env_value
+from voicemesh.runtime.models import model_path
+from voicemesh.runtime.provider import ProviderInfo
+from voicemesh.stt.providers.base import (
+    SttEndOfUtterance, SttProvider, SttResult, SttStream, SttStreamConfig, SttTranscript, Word,
+)
+
+log = logging.getLogger(__name__)
+
+WHISPER_RATE_HZ = 16_000
+WINDOW_S = 30  # Whisper's input window: how much audio a stream keeps
+MAX_DECODE_MS = 29_900  # the pipeline takes audio as one clip only when it is under 30 s
+PREROLL_MS = 250  # VAD reports speech starts ~100-250 ms late; keep the onset of the first word
+# Audio time between interim decodes. One decode takes ~0.4-0.6 s on 2 cores, so 0.7 s keeps
+# a single stream's interims close to real time without a backlog.
+INTERIM_EVERY_MS = 700
+# Pause decodes: when the user pauses (PAUSE_MS of quiet audio), decode at once, so that if
+# the pause turns out to be the end of the utterance, finalize() can answer with that decode
+# instead of starting one (the VAD needs ~0.8 s to confirm the end; a decode takes ~0.45 s).
+PAUSE_MS = 200
+QUIET_FRAME_MS = 20
+QUIET_RATIO = 0.1  # a frame is quiet below this share of the utterance's loudest frame ...
+QUIET_FLOOR_RMS = 150.0  # ... or below this int16 RMS (about -47 dBFS), whichever is higher
+# Whisper's "no speech" rule: a segment is dropped when both hold (silence decodes to "you").
+NO_SPEECH_PROB = 0.6
+LOG_PROB_FLOOR = -1.0
+DEFAULT_THREADS = 2
+DEFAULT_LANGUAGE = "en"
+_END = object()  # results() sentinel
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    text: str
+    confidence: float  # exp(mean avg_logprob) of the kept segments
+    words: tuple[Word, ...]  # times in stream ms
+
+
+def _whisper_language(bcp47: str) -> str:
+    return bcp47.split("-")[0].lower()  # Whisper names languages by ISO 639-1: "en-US" -> "en"
+
+
+def _word_keys(text: str) -> list[str]:
+    """Words normalised for comparing interims ("cap?" vs "capital")."""
+    return [w.strip(".,!?;:\"'").lower() for w in text.split()]
+
+
+def _stability(previous: list[str], current: list[str]) -> float:
+    """Share of the current words unchanged since the previous interim (common prefix)."""
+    same = 0
+    while same < min(len(previous), len(current)) and previous[same] == current[same]:
+        same += 1
+    return same / len(current) if current else 0.0
+
+
+class WhisperSttProvider(SttProvider):
+    """Whisper via faster-whisper. model_dir: a CTranslate2 Whisper folder (default: the
+    embedded whisper-base, env VOICEMESH_STT_MODEL_DIR); cpu_threads: CTranslate2 intra-op
+    threads (env VOICEMESH_STT_THREADS, else 2); language: default when a stream names none
+    (env VOICEMESH_STT_LANGUAGE, else "en"); word_timestamps: word times on finals (env
+    VOICEMESH_STT_WORD_TIMESTAMPS, default on; off saves ~5-15% of the final decode).
+
+    All decodes, from every stream, run one at a time on one dedicated thread: the model
+    already uses `cpu_threads` cores, and parallel decodes would only slow each other down.
+    """
+
+    name = "whisper"
+
+    def __init__(
+        self, model_dir: str | os.PathLike | None = None, cpu_threads: int | None = None,
+        language: str | None = None, word_timestamps: bool | None = None,
+    ) -> None:
+        self._model_dir = Path(model_dir) if model_dir else None
+        self.cpu_threads = cpu_threads or int(env_value("stt", "threads", str(DEFAULT_THREADS)))
+        self.language = _whisper_language(language or env_value("stt", "language", DEFAULT_LANGUAGE))
+        if word_timestamps is None:
+            word_timestamps = env_value("stt", "word_timestamps", "1").lower() not in ("0", "false", "no", "off")
+        self.word_timestamps = word_timestamps
+        self._executor: ThreadPoolExecutor | None = None
+        self._pipeline = None  # faster_whisper.BatchedInferencePipeline once loaded
+
+    async def load(self) -> None:
+        if self._model_dir is None:
+            self._model_dir = model_path("whisper-base")
+        # faster-whisper treats a missing folder as a Hub repo id and would try to download it.
+        if not (self._model_dir / "model.bin").exists():
+            raise FileNotFoundError(f"no Whisper model (model.bin) in {self._model_dir}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load_sync)
+
+    def _load_sync(self) -> None:
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        started = time.perf_counter()
+        model = WhisperModel(
+            str(self._model_dir), device="cpu", compute_type="int8",
+            cpu_threads=self.cpu_threads, num_workers=1, local_files_only=True,
+        )
+        self._pipeline = BatchedInferencePipeline(model)
+        # Warm-up: the first decode allocates its buffers (measured ~25% slower than the next).
+        noise = np.random.default_rng(0).normal(0.0, 0.01, WHISPER_RATE_HZ).astype(np.float32)
+        self.decode(noise, self.language, self.word_timestamps)
+        log.info("whisper loaded from %s in %.2f s", self._model_dir, time.perf_counter() - started)
+
+    def info(self) -> ProviderInfo:
+        return ProviderInfo(
+            provider=self.name,
+            model=self._model_dir.name if self._model_dir else "whisper-base",
+            sample_rates_hz=(WHISPER_RATE_HZ,),
+            details={
+                "compute_type": "int8", "cpu_threads": str(self.cpu_threads), "language": self.language,
+                "word_timestamps": str(self.word_timestamps).lower(), "interim_every_ms": str(INTERIM_EVERY_MS),
+            },
+        )
+
+    def open_stream(self, config: SttStreamConfig) -> SttStream:
+        if self._pipeline is None:
+            raise RuntimeError("WhisperSttProvider.open_stream() before load()")
+        return WhisperSttStream(self, config, _whisper_language(config.language or self.language))
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pipeline = None
+
+    async def decode_async(self, audio: np.ndarray, language: str, words: bool, offset_ms: int = 0) -> _Decoded:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.decode, audio, language, words, offset_ms)
+
+    def decode(self, audio: np.ndarray, language: str, words: bool, offset_ms: int = 0) -> _Decoded:
+        """Blocking, on the executor: float32 16 kHz mono audio (under 30 s) -> text.
+        Word times are `offset_ms` (where the audio starts in the stream) plus their time in it."""
+        if audio.size == 0:
+            return _Decoded("", 0.0, ())
+        segments, _ = self._pipeline.transcribe(
+            audio, language=language, beam_size=1, vad_filter=False,
+            condition_on_previous_text=False, without_timestamps=True, word_timestamps=words,
+        )
+        kept = [s for s in segments if not (s.no_speech_prob > NO_SPEECH_PROB and s.avg_logprob < LOG_PROB_FLOOR)]
+        text = " ".join(s.text.strip() for s in kept).strip()
+        confidence = math.exp(sum(s.avg_logprob for s in kept) / len(kept)) if kept else 0.0
+        word_list = tuple(
+            Word(w.word.strip(), offset_ms + round(w.start * 1000), offset_ms + round(w.end * 1000),
+                 float(w.probability))
+            for s in kept for w in (s.words or ())
+        )
+        return _Decoded(text, confidence, word_list)
+
+
+class WhisperSttStream(SttStream):
+    """One recognition stream. Offsets are stream milliseconds: the audio pushed so far.
+
+    finalize() returns at once; the final transcript and the end of utterance follow on
+    results() when the decode is done. Finals come out in the order of the finalize() calls,
+    and no interim of an utterance is emitted after its final.
+    """
+
+    def __init__(self, provider: WhisperSttProvider, config: SttStreamConfig, language: str) -> None:
+        self._provider, self._config, self._language = provider, config, language
+        self._rate = config.sample_rate_hz
+        self._ring = bytearray()  # PCM16, the last WINDOW_S seconds (plus up to 5 s before a trim)
+        self._ring_start = 0  # stream sample index of the ring's first sample
+        self._total = 0  # samples pushed so far
+        self._segment_start = 0  # where audio since the last finalize begins (no turn_start case)
+        self._utterance_start: int | None = None  # sample of the open utterance's turn_start
+        self._turn_id = ""
+        self._generation = 0  # bumped when an utterance ends; interims of older ones are dropped
+        self._next_interim_at = 0
+        self._previous_words: list[str] = []
+        self._interim_task: asyncio.Task | None = None
+        self._interim_generation = 0
+        self._final_task: asyncio.Task | None = None  # the last one; each waits for the one before
+        self._pending_finals = 0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._closed = False
+        # Pause tracking for the open utterance (see PAUSE_MS).
+        self._peak_rms = 0.0
+        self._quiet_since: int | None = None  # first sample of the current quiet run
+        self._interim_end = 0  # end sample of the interim decode in flight
+        self._latest: tuple[int, int, _Decoded] | None = None  # (generation, end sample, result)
+
+    def _samples(self, ms: int) -> int:
+        return ms * self._rate // 1000
+
+    def _ms(self, samples: int) -> int:
+        return samples * 1000 // self._rate
+
+    async def push_audio(self, pcm16: bytes) -> None:
+        if self._closed:
+            return
+        self._ring += pcm16
+        self._total += len(pcm16) // 2
+        excess = len(self._ring) // 2 - WINDOW_S * self._rate
+        if excess > 5 * self._rate:  # trim in 5 s steps, not on every push
+            del self._ring[: 2 * excess]
+            self._ring_start += excess
+        if self._utterance_start is None:
+            return
+        self._track_pauses(pcm16)
+        if self._interim_task is not None or self._pending_finals:
+            return  # busy: retry on the next push
+        if self._pause_needs_decode():
+            self._start_interim()
+        elif self._config.interim_results and self._total >= self._next_interim_at and not self._pause_covered():
+            self._start_interim()
+
+    def _track_pauses(self, pcm16: bytes) -> None:
+        frame = self._samples(QUIET_FRAME_MS)
+        samples = np.frombuffer(pcm16, dtype="<i2")
+        first = self._total - len(samples)
+        for index in range(len(samples) // frame):
+            chunk = samples[index * frame : (index + 1) * frame].astype(np.float32)
+            rms = float(np.sqrt(np.dot(chunk, chunk) / frame))
+            self._peak_rms = max(self._peak_rms, rms)
+            if rms < max(QUIET_FLOOR_RMS, QUIET_RATIO * self._peak_rms):
+                if self._quiet_since is None:
+                    self._quiet_since = first + index * frame
+            else:
+                self._quiet_since = None
+
+    def _pause_needs_decode(self) -> bool:
+        """The user has paused, and no decode (done or running) covers the speech before it."""
+        if self._quiet_since is None or self._total - self._quiet_since < self._samples(PAUSE_MS):
+            return False
+        if self._quiet_since - self._utterance_start < self._samples(PAUSE_MS):
+            return False  # no speech in this utterance yet
+        return not self._pause_covered()
+
+    def _pause_covered(self) -> bool:
+        """A finished decode already covers everything up to the current pause."""
+        latest = self._latest
+        return bool(self._quiet_since is not None and latest and latest[0] == self._generation and latest[1] >= self._quiet_since)
+
+    def _reusable_decode(self) -> "_Decoded | asyncio.Task | None":
+        """A decode of this utterance that ends inside the current pause: nothing after it is speech."""
+        if self._utterance_start is None or self._quiet_since is None:
+            return None
+        latest = self._latest
+        if latest and latest[0] == self._generation and latest[1] >= self._quiet_since:
+            return latest[2]
+        if self._interim_task is not None and self._interim_generation == self._generation and self._interim_end >= self._quiet_since:
+            return self._interim_task
+        return None
+
+    async def turn_start(self, turn_id: str, audio_offset_ms: int) -> None:
+        if self._closed:
+            return
+        self._generation += 1  # replaces an utterance that was never finalized
+        self._utterance_start = max(0, self._samples(audio_offset_ms))
+        self._turn_id = turn_id
+        self._peak_rms, self._quiet_since = 0.0, None
+        self._previous_words = []
+        self._next_interim_at = self._utterance_start + self._samples(INTERIM_EVERY_MS)
+
+    async def finalize(self) -> None:
+        if self._closed:
+            return
+        end = self._total
+        reusable = self._reusable_decode()
+        if self._utterance_start is not None:
+            start_ms = self._ms(self._utterance_start)
+            audio_start_ms, audio = self._audio(self._utterance_start - self._samples(PREROLL_MS), end)
+        else:
+            audio_start_ms, audio = self._audio(self._segment_start, end)
+            start_ms = audio_start_ms
+        self._generation += 1
+        self._utterance_start, turn_id, self._turn_id = None, self._turn_id, ""
+        self._segment_start = end
+        self._previous_words = []
+        self._pending_finals += 1
+        self._final_task = asyncio.create_task(
+            self._run_final(self._final_task, audio, audio_start_ms, turn_id, start_ms, self._ms(end), reusable)
+        )
+
+    async def results(self) -> AsyncIterator[SttResult]:
+        while (item := await self._queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._generation += 1  # an interim still decoding is dropped
+        if self._final_task is not None:
+            await self._final_task  # pending finals still come out
+        self._queue.put_nowait(_END)
+
+    def _audio(self, start: int, end: int) -> tuple[int, np.ndarray]:
+        """Stream samples [start, end), clipped to what the ring holds and to one decode:
+        (where the audio really starts, in stream ms; float32 audio at 16 kHz)."""
+        start = max(start, self._ring_start, end - self._samples(MAX_DECODE_MS))
+        lo, hi = 2 * (start - self._ring_start), 2 * max(0, end - self._ring_start)
+        audio = np.frombuffer(bytes(self._ring[lo:hi]), dtype="<i2").astype(np.float32) / 32768.0
+        if self._rate != WHISPER_RATE_HZ:
+            audio = soxr.resample(audio, self._rate, WHISPER_RATE_HZ).astype(np.float32)
+        return self._ms(start), audio
+
+    def _start_interim(self) -> None:
+        self._next_interim_at = self._total + self._samples(INTERIM_EVERY_MS)
+        _, audio = self._audio(self._utterance_start - self._samples(PREROLL_MS), self._total)
+        span = (self._ms(self._utterance_start), self._ms(self._total))
+        self._interim_end, self._interim_generation = self._total, self._generation
+        audio_start_ms = self._ms(self._utterance_start - self._samples(PREROLL_MS))
+        self._interim_task = asyncio.create_task(
+            self._run_interim(self._generation, self._turn_id, audio, span, audio_start_ms)
+        )
+
+    async def _run_interim(
+        self, generation: int, turn_id: str, audio: np.ndarray, span: tuple[int, int], audio_start_ms: int
+    ) -> "_Decoded | None":
+        try:
+            # Same settings as a final, so a decode made in a pause can become the final.
+            decoded = await self._provider.decode_async(
+                audio, self._language, self._provider.word_timestamps, max(0, audio_start_ms)
+            )
+        except Exception:  # an interim is disposable; the final reports decode errors
+            log.exception("whisper interim decode failed")
+            return None
+        finally:
+            self._interim_task = None
+        self._latest = (generation, self._samples(span[1]), decoded)
+        if generation != self._generation or not decoded.text or not self._config.interim_results:
+            return decoded  # finalized or replaced meanwhile, nothing heard yet, or interims off
+        words = _word_keys(decoded.text)
+        stability, self._previous_words = _stability(self._previous_words, words), words
+        self._queue.put_nowait(SttTranscript(
+            text=decoded.text, is_final=False, stability=stability, confidence=decoded.confidence,
+            language=self._language, start_ms=span[0], end_ms=span[1], turn_id=turn_id,
+        ))
+        return decoded
+
+    async def _run_final(
+        self, previous: asyncio.Task | None, audio: np.ndarray, audio_start_ms: int,
+        turn_id: str, start_ms: int, end_ms: int, reusable: "_Decoded | asyncio.Task | None" = None,
+    ) -> None:
+        try:
+            if previous is not None:
+                await previous
+            if isinstance(reusable, asyncio.Task):
+                reusable = await reusable
+            if reusable is None and self._interim_task is not None:  # one decode in flight at a time
+                await asyncio.wait([self._interim_task])
+            started = time.perf_counter()
+            if reusable is not None:  # decoded during the pause: only silence came after it
+                decoded = reusable
+            else:
+                # Word times come relative to the decoded audio, which starts at the pre-roll.
+                decoded = await self._provider.decode_async(
+                    audio, self._language, self._provider.word_timestamps, audio_start_ms
+                )
+            log.debug("whisper final: %.0f ms for %.2f s of audio",
+                      (time.perf_counter() - started) * 1000, len(audio) / WHISPER_RATE_HZ)
+            self._queue.put_nowait(SttTranscript(
+                text=decoded.text, is_final=True, stability=1.0, confidence=decoded.confidence,
+                language=self._language, start_ms=start_ms, end_ms=end_ms, words=decoded.words, turn_id=turn_id,
+            ))
+            self._queue.put_nowait(SttEndOfUtterance(offset_ms=end_ms, turn_id=turn_id))
+        except Exception as exc:  # surfaces from results(), so the service can fail the stream
+            log.exception("whisper final decode failed")
+            self._queue.put_nowait(exc)
+        finally:
+            self._pending_finals -= 1

@@ -1,0 +1,89 @@
+"""The STT service: a thin servicer over one SttProvider stream per call."""
+from __future__ import annotations
+
+import grpc
+
+from voicemesh.runtime.audio import InboundAudio
+from voicemesh.runtime.config import ServeSettings
+from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
+from voicemesh.runtime.server import ServiceDefinition, ServicerBase, load_provider_class
+from voicemesh.runtime.streams import with_reader
+from voicemesh.stt.providers.base import SttEndOfUtterance, SttProvider, SttStream, SttStreamConfig
+from voicemesh.v1 import stt_pb2, stt_pb2_grpc
+
+PROVIDERS = {"whisper": "voicemesh.stt.providers.whisper:WhisperSttProvider"}
+PROVIDER_RATE_HZ = 16000  # every provider is fed PCM16 mono at 16 kHz
+
+
+class SttServicer(ServicerBase, stt_pb2_grpc.SttServiceServicer):
+    kind = "stt"
+    provider: SttProvider
+
+    async def Recognize(self, request_iterator, context: grpc.aio.ServicerContext):
+        async with stream_guard(context, "Recognize"):
+            self.require_ready()
+            config = await first_message(request_iterator, "config", "Recognize")
+            inbound = InboundAudio(config.format, PROVIDER_RATE_HZ, "Recognize")
+            stream = self.provider.open_stream(
+                SttStreamConfig(
+                    sample_rate_hz=PROVIDER_RATE_HZ, language=config.language, interim_results=config.interim_results
+                )
+            )
+            try:
+                async for result in with_reader(_feed(request_iterator, inbound, stream), stream.results()):
+                    yield _to_response(result)
+            finally:
+                await stream.close()
+
+    async def Info(self, request, context):
+        return stt_pb2.SttServiceInfoResponse(info=self.service_info(input_rates=(0,)))
+
+
+async def _feed(request_iterator, inbound: InboundAudio, stream: SttStream) -> None:
+    """Route requests to the provider stream; the end of the requests closes recognition."""
+    async for request in request_iterator:
+        kind = request.WhichOneof("request")
+        if kind == "audio":
+            samples = inbound.convert(request.audio.data)
+            if samples.size:
+                await stream.push_audio(samples.tobytes())
+        elif kind == "turn_start":
+            await stream.turn_start(request.turn_start.turn_id, request.turn_start.audio_offset_ms)
+        elif kind == "finalize":
+            await stream.finalize()
+        elif kind == "config":
+            raise InvalidInput("Recognize: config may only be sent once, as the first message")
+    await stream.finalize()
+    await stream.close()
+
+
+def _to_response(result) -> stt_pb2.RecognizeResponse:
+    if isinstance(result, SttEndOfUtterance):
+        return stt_pb2.RecognizeResponse(
+            end_of_utterance=stt_pb2.EndOfUtterance(offset_ms=result.offset_ms, turn_id=result.turn_id)
+        )
+    transcript = stt_pb2.Transcript(
+        text=result.text,
+        is_final=result.is_final,
+        stability=result.stability,
+        confidence=result.confidence,
+        language=result.language,
+        start_ms=result.start_ms,
+        end_ms=result.end_ms,
+        turn_id=result.turn_id,
+    )
+    for word in result.words:
+        transcript.words.add(text=word.text, start_ms=word.start_ms, end_ms=word.end_ms, confidence=word.confidence)
+    return stt_pb2.RecognizeResponse(transcript=transcript)
+
+
+def build(settings: ServeSettings) -> SttServicer:
+    return SttServicer(settings, load_provider_class(PROVIDERS, settings.provider, "stt")())
+
+
+DEFINITION = ServiceDefinition(
+    kind="stt",
+    service_name=stt_pb2.DESCRIPTOR.services_by_name["SttService"].full_name,
+    build=build,
+    register=lambda servicer, server: stt_pb2_grpc.add_SttServiceServicer_to_server(servicer, server),
+)

@@ -1,0 +1,32 @@
+"""The TTS provider interface: one call synthesizes one piece of text (a sentence).
+
+Sentence splitting and segment bookkeeping live in the servicer, so a provider maps onto
+one request of a streaming or one-shot API (Riva synthesize_online, Polly, Azure).
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from voicemesh.runtime.provider import Provider
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    text: str
+    voice: str = ""  # empty: the provider's default voice
+    language: str = ""
+    speed: float = 1.0
+
+
+class TtsProvider(Provider):
+    sample_rate_hz: int  # native output rate; the servicer resamples to what the caller asked
+
+    @abc.abstractmethod
+    def synthesize(self, request: SynthesisRequest) -> AsyncIterator[bytes]:
+        """PCM16 mono chunks at `sample_rate_hz`, first chunk as early as possible."""
+
+    def voices(self) -> list[str]:
+        """Voices this provider can speak with."""
+        return []

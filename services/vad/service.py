@@ -1,0 +1,97 @@
+"""The VAD service: a thin servicer over one VadProvider plus the shared segmenter."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from voicemesh.runtime.audio import InboundAudio
+from voicemesh.runtime.config import ServeSettings
+from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
+from voicemesh.runtime.server import ServiceDefinition, ServicerBase, load_provider_class
+from voicemesh.v1 import vad_pb2, vad_pb2_grpc
+from voicemesh.vad.providers.base import VadProvider
+from voicemesh.vad.segmenter import SegmenterParams, SpeechSegmenter, window_volume
+
+PROVIDERS = {"silero": "voicemesh.vad.providers.silero:SileroVadProvider"}
+_DEFAULTS = SegmenterParams()
+
+
+def segmenter_params(config: vad_pb2.VadConfig) -> SegmenterParams:
+    """Config values with zero meaning "default", range-checked."""
+    params = SegmenterParams(
+        confidence=config.confidence or _DEFAULTS.confidence,
+        start_secs=config.start_secs or _DEFAULTS.start_secs,
+        stop_secs=config.stop_secs or _DEFAULTS.stop_secs,
+        min_volume=config.min_volume or _DEFAULTS.min_volume,
+    )
+    if not 0 < params.confidence <= 1 or not 0 <= params.min_volume <= 1:
+        raise InvalidInput("Detect: confidence must be in (0, 1] and min_volume in [0, 1]")
+    if not 0 < params.start_secs <= 5 or not 0 < params.stop_secs <= 10:
+        raise InvalidInput("Detect: start_secs must be in (0, 5] and stop_secs in (0, 10]")
+    return params
+
+
+class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
+    kind = "vad"
+    provider: VadProvider
+
+    async def Detect(self, request_iterator, context: grpc.aio.ServicerContext):
+        async with stream_guard(context, "Detect"):
+            self.require_ready()
+            config = await first_message(request_iterator, "config", "Detect")
+            inbound = InboundAudio(config.format, self.provider.sample_rate_hz, "Detect")
+            segmenter = SpeechSegmenter(segmenter_params(config), sample_rate_hz=self.provider.sample_rate_hz)
+            stream = self.provider.open_stream()
+            # The segmenter needs each window's volume; keep the samples not yet scored.
+            pending = np.zeros(0, dtype=np.int16)
+            pending_start = 0  # stream offset (samples) of pending[0]
+            speech_started_ms = 0
+            try:
+                async for request in request_iterator:
+                    if request.WhichOneof("request") != "audio":
+                        if request.HasField("config"):
+                            raise InvalidInput("Detect: config may only be sent once, as the first message")
+                        continue  # TurnContext: only used for tracing
+                    samples = inbound.convert(request.audio.data)
+                    pending = np.concatenate((pending, samples))
+                    for result in await stream.process(samples):
+                        end = result.end_offset_samples - pending_start
+                        window = pending[max(0, end - 512) : end]
+                        for event in segmenter.push(result.end_offset_samples, result.probability, window_volume(window)):
+                            if event.kind == "started":
+                                speech_started_ms = event.offset_ms
+                            yield _to_response(event, speech_started_ms)
+                        pending = pending[end:]
+                        pending_start = result.end_offset_samples
+            finally:
+                await stream.close()
+
+    async def Info(self, request, context):
+        return vad_pb2.VadServiceInfoResponse(info=self.service_info(input_rates=(0,)))
+
+
+def _to_response(event, speech_started_ms: int) -> vad_pb2.DetectResponse:
+    if event.kind == "started":
+        return vad_pb2.DetectResponse(
+            speech_started=vad_pb2.SpeechStarted(offset_ms=event.offset_ms, probability=event.probability)
+        )
+    return vad_pb2.DetectResponse(
+        speech_stopped=vad_pb2.SpeechStopped(
+            offset_ms=event.offset_ms,
+            probability=event.probability,
+            duration_ms=max(0, event.offset_ms - speech_started_ms),
+        )
+    )
+
+
+def build(settings: ServeSettings) -> VadServicer:
+    provider_class = load_provider_class(PROVIDERS, settings.provider, "vad")
+    return VadServicer(settings, provider_class())
+
+
+DEFINITION = ServiceDefinition(
+    kind="vad",
+    service_name=vad_pb2.DESCRIPTOR.services_by_name["VadService"].full_name,
+    build=build,
+    register=lambda servicer, server: vad_pb2_grpc.add_VadServiceServicer_to_server(servicer, server),
+)

@@ -1,0 +1,163 @@
+"""Scripted fake VAD, STT, LLM and TTS services that speak the real voicemesh protos.
+
+They run in their own process (`python -m tests.fakes.scripted --port N`), all four on one
+port, with fixed, known behaviour so orchestrator tests can assert exact event sequences:
+
+- VAD: a 20 ms frame is speech when its RMS is above SPEECH_RMS; start/stop after the
+  configured start_secs/stop_secs, like the real segmenter.
+- STT: the final transcript of the n-th utterance is the n-th entry of FAKE_TRANSCRIPTS
+  (comma-separated env), else "utterance <n>"; one interim "..." at each turn start.
+- LLM: replies "You said: <last user message>." word by word, TOKEN_DELAY_S apart; a
+  message containing "long story" gets a 30-sentence reply (for barge-in tests).
+- TTS: each sentence becomes a 440 Hz tone, MS_PER_CHAR long, in 40 ms chunks, after
+  TTS_FIRST_AUDIO_S; SegmentDone carries the sentence text.
+Counters of started and cancelled calls are exposed through Info details.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import grpc
+import numpy as np
+
+from voicemesh.runtime.audio import pcm16_to_mulaw
+from voicemesh.v1 import common_pb2, llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc, vad_pb2, vad_pb2_grpc
+
+SPEECH_RMS = 1000.0
+TOKEN_DELAY_S = 0.01
+TTS_FIRST_AUDIO_S = 0.02
+MS_PER_CHAR = 20
+COUNTERS = {"llm_calls": 0, "llm_cancelled": 0, "tts_calls": 0, "tts_cancelled": 0}
+
+
+def _info(service: str) -> common_pb2.ServiceInfo:
+    return common_pb2.ServiceInfo(service=service, provider="fake", model="scripted", details={k: str(v) for k, v in COUNTERS.items()})
+
+
+class FakeVad(vad_pb2_grpc.VadServiceServicer):
+    async def Detect(self, request_iterator, context):
+        config = None
+        speaking, run, offset = False, 0, 0  # run: consecutive frames disagreeing with the state
+        segment_start = 0
+        leftover = np.zeros(0, dtype=np.int16)
+        async for request in request_iterator:
+            if request.HasField("config"):
+                config = request.config
+                continue
+            if not request.HasField("audio"):
+                continue
+            start_frames = round((config.start_secs or 0.2) / 0.02)
+            stop_frames = round((config.stop_secs or 0.8) / 0.02)
+            samples = np.concatenate((leftover, np.frombuffer(request.audio.data, dtype="<i2")))
+            frames = len(samples) // 320
+            leftover = samples[frames * 320 :]
+            for index in range(frames):
+                frame = samples[index * 320 : (index + 1) * 320].astype(np.float64)
+                offset += 20
+                is_speech = float(np.sqrt(np.mean(frame**2))) > SPEECH_RMS
+                run = run + 1 if is_speech != speaking else 0
+                if not speaking and run >= start_frames:
+                    speaking, run = True, 0
+                    segment_start = offset - start_frames * 20
+                    yield vad_pb2.DetectResponse(speech_started=vad_pb2.SpeechStarted(offset_ms=segment_start, probability=0.9))
+                elif speaking and run >= stop_frames:
+                    speaking, run = False, 0
+                    end = offset - stop_frames * 20
+                    yield vad_pb2.DetectResponse(speech_stopped=vad_pb2.SpeechStopped(offset_ms=end, probability=0.9, duration_ms=end - segment_start))
+
+    async def Info(self, request, context):
+        return vad_pb2.VadServiceInfoResponse(info=_info("vad"))
+
+
+class FakeStt(stt_pb2_grpc.SttServiceServicer):
+    async def Recognize(self, request_iterator, context):
+        scripted = [t for t in os.environ.get("FAKE_TRANSCRIPTS", "").split(",") if t]
+        utterances = 0
+        async for request in request_iterator:
+            kind = request.WhichOneof("request")
+            if kind == "turn_start":
+                yield stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text="...", turn_id=request.turn_start.turn_id))
+            elif kind == "finalize":
+                text = scripted[utterances] if utterances < len(scripted) else f"utterance {utterances + 1}"
+                utterances += 1
+                turn_id = request.finalize.turn_id
+                yield stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=text, is_final=True, confidence=1.0, turn_id=turn_id))
+                yield stt_pb2.RecognizeResponse(end_of_utterance=stt_pb2.EndOfUtterance(turn_id=turn_id))
+
+    async def Info(self, request, context):
+        return stt_pb2.SttServiceInfoResponse(info=_info("stt"))
+
+
+class FakeLlm(llm_pb2_grpc.LlmServiceServicer):
+    async def Generate(self, request_iterator, context):
+        COUNTERS["llm_calls"] += 1
+        first = await anext(aiter(request_iterator))
+        user = [m.content for m in first.chat.messages if m.role == "user"][-1]
+        if "long story" in user:
+            reply = " ".join(f"This is sentence number {n} of a long story." for n in range(1, 31))
+        else:
+            reply = f"You said: {user}."
+        try:
+            for word in reply.split(" "):
+                await asyncio.sleep(TOKEN_DELAY_S)
+                yield llm_pb2.GenerateResponse(delta=llm_pb2.TextDelta(text=word + " "))
+            usage = llm_pb2.Usage(input_tokens=len(first.chat.messages), output_tokens=len(reply.split()))
+            yield llm_pb2.GenerateResponse(done=llm_pb2.Done(finish_reason=llm_pb2.FINISH_REASON_STOP, usage=usage))
+        except asyncio.CancelledError:
+            COUNTERS["llm_cancelled"] += 1
+            raise
+
+    async def Info(self, request, context):
+        return llm_pb2.LlmServiceInfoResponse(info=_info("llm"))
+
+
+class FakeTts(tts_pb2_grpc.TtsServiceServicer):
+    async def Synthesize(self, request_iterator, context):
+        COUNTERS["tts_calls"] += 1
+        config = (await anext(aiter(request_iterator))).config
+        rate = config.format.sample_rate_hz
+        chunk_samples = rate * 40 // 1000
+        seq = 0
+        try:
+            async for request in request_iterator:
+                if not request.HasField("text"):
+                    continue
+                piece = request.text
+                await asyncio.sleep(TTS_FIRST_AUDIO_S)
+                total = rate * MS_PER_CHAR * len(piece.text) // 1000
+                tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(total) / rate)).astype("<i2")
+                for start in range(0, total, chunk_samples):
+                    piece_samples = tone[start : start + chunk_samples]
+                    data = pcm16_to_mulaw(piece_samples) if config.format.encoding == common_pb2.AUDIO_ENCODING_MULAW else piece_samples.tobytes()
+                    chunk = common_pb2.AudioChunk(data=data, seq=seq)
+                    seq += 1
+                    yield tts_pb2.SynthesizeResponse(audio=tts_pb2.SegmentAudio(segment_id=piece.segment_id, chunk=chunk))
+                done = tts_pb2.SegmentDone(segment_id=piece.segment_id, spoken_text=piece.text.strip(), audio_duration_ms=total * 1000 // rate)
+                yield tts_pb2.SynthesizeResponse(segment_done=done)
+        except asyncio.CancelledError:
+            COUNTERS["tts_cancelled"] += 1
+            raise
+
+    async def Info(self, request, context):
+        return tts_pb2.TtsServiceInfoResponse(info=_info("tts"), voices=["tone"])
+
+
+async def main(port: int) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    vad_pb2_grpc.add_VadServiceServicer_to_server(FakeVad(), server)
+    stt_pb2_grpc.add_SttServiceServicer_to_server(FakeStt(), server)
+    llm_pb2_grpc.add_LlmServiceServicer_to_server(FakeLlm(), server)
+    tts_pb2_grpc.add_TtsServiceServicer_to_server(FakeTts(), server)
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise SystemExit(f"port {port} is taken")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    asyncio.run(main(parser.parse_args().port))
