@@ -81,3 +81,34 @@ class Playout:
     def reset_clock(self) -> None:
         """The reply is over: the next audio starts a new clock (and a new first-audio event)."""
         self._clock_start = None
+
+
+class HeldPlayout:
+    """Stands in front of a Playout for a speculative reply: holds its audio and markers
+    until `release()`, then forwards everything at once and passes new items straight on."""
+
+    def __init__(self, playout: Playout):
+        self._playout = playout
+        self._held: list[tuple] = []
+        self.released = asyncio.Event()
+
+    def audio(self, message: pb.ConverseResponse, seconds: float, turn_number: int) -> None:
+        if self.released.is_set():
+            self._playout.audio(message, seconds, turn_number)
+        else:
+            self._held.append(("audio", message, seconds, turn_number))
+
+    def marker(self, fire: Callable[[], None]) -> None:
+        if self.released.is_set():
+            self._playout.marker(fire)
+        else:
+            self._held.append(("marker", fire))
+
+    def release(self) -> None:
+        for item in self._held:
+            if item[0] == "audio":
+                self._playout.audio(*item[1:])
+            else:
+                self._playout.marker(item[1])
+        self._held.clear()
+        self.released.set()

@@ -30,12 +30,30 @@ class Turn:
     replying: bool = False
     ended: bool = False
     llm_usage: tuple[int, int] = (0, 0)
+    speculation: "Speculation | None" = None  # a reply started at a pause, not yet confirmed
 
     @property
     def latency_ms(self) -> float:
         if self.user_end_at is None or self.first_audio_at is None:
             return 0.0
         return max(0.0, (self.first_audio_at - self.user_end_at) * 1000)
+
+
+@dataclass
+class Speculation:
+    """A reply started on the transcript of a pause; its audio is held until the turn is confirmed."""
+
+    text: str
+    held: object  # HeldPlayout
+    task: asyncio.Task
+
+
+def same_words(a: str, b: str) -> bool:
+    """Transcripts equal up to case and punctuation."""
+    def words(text: str) -> list[str]:
+        return [w.strip(".,!?;:\"'").lower() for w in text.split()]
+
+    return words(a) == words(b)
 
 
 class BotReply:

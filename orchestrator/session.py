@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 
 from voicemesh.orchestrator.clients import ServiceClients
-from voicemesh.orchestrator.playout import Playout
-from voicemesh.orchestrator.reply import BotReply, Turn
+from voicemesh.orchestrator.playout import HeldPlayout, Playout
+from voicemesh.orchestrator.reply import BotReply, Speculation, Turn, same_words
 from voicemesh.runtime.audio import InboundAudio, OutboundAudio, validate_format
 from voicemesh.runtime.errors import FailedPrecondition, InvalidInput
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, stt_pb2, vad_pb2
@@ -112,6 +112,8 @@ class Session:
                 task.cancel()
             if self.reply_task:
                 self.reply_task.cancel()
+            if self.turn is not None:
+                self._drop_speculation(self.turn)
             self.vad_call.cancel()
             self.stt_call.cancel()
             if self._final_timer:
@@ -127,7 +129,7 @@ class Session:
             stop_secs=vad.stop_secs, min_volume=vad.min_volume, session_id=self.session_id)))
         await self.stt_call.write(stt_pb2.RecognizeRequest(config=stt_pb2.SttConfig(
             format=stream_format, language=self.config.language, interim_results=self.config.interim_transcripts,
-            session_id=self.session_id)))
+            pause_transcripts=True, session_id=self.session_id)))
 
     def _source_of(self, err: grpc.aio.AioRpcError) -> str:
         for kind, call in (("vad", self.vad_call), ("stt", self.stt_call)):
@@ -216,6 +218,7 @@ class Session:
             return
         if self.reply_task and not self.reply_task.done():
             self.reply_task.cancel()
+        self._drop_speculation(turn)
         self.playout.clear()
         self._end_turn(turn, interrupted=turn.replying)
 
@@ -248,27 +251,63 @@ class Session:
         self._start_reply(turn)
 
     def _start_reply(self, turn: Turn) -> None:
+        """Release the turn to the LLM: confirm the speculative reply if it heard the same words."""
         if self._final_timer:
             self._final_timer.cancel()
             self._final_timer = None
         if turn.ended or turn.replying:
             return
-        if not turn.user_text.strip():
+        text = turn.user_text.strip()
+        speculation, turn.speculation = turn.speculation, None
+        if not text:
+            if speculation:
+                speculation.task.cancel()
             self._end_turn(turn, interrupted=False)  # noise, or nothing recognisable
             return
         turn.replying = True
-        self.history.append(llm_pb2.ChatMessage(role="user", content=turn.user_text.strip()))
+        self.history.append(llm_pb2.ChatMessage(role="user", content=text))
+        if speculation and same_words(speculation.text, text):
+            log.debug("turn %s: speculative reply confirmed", turn.turn_id)
+            self.reply_task = speculation.task
+            speculation.held.release()  # its audio, already synthesised, starts playing now
+            return
+        if speculation:
+            speculation.task.cancel()
         reply = BotReply(self.clients, self.playout, turn, self.config, self.output_format, self.bytes_per_second, self.emit)
-        self.reply_task = asyncio.ensure_future(self._run_reply(reply, turn))
+        self.reply_task = asyncio.ensure_future(self._run_reply(reply, turn, list(self.history)))
 
-    async def _run_reply(self, reply: BotReply, turn: Turn) -> None:
+    def _speculate(self, turn: Turn, text: str) -> None:
+        """The user paused: start the reply now, hold its audio until the turn is confirmed."""
+        if turn.speculation and same_words(turn.speculation.text, text):
+            return
+        self._drop_speculation(turn)
+        log.debug("turn %s: speculative reply on %r", turn.turn_id, text)
+        held = HeldPlayout(self.playout)
+        reply = BotReply(self.clients, held, turn, self.config, self.output_format, self.bytes_per_second, self.emit)
+        messages = [*self.history, llm_pb2.ChatMessage(role="user", content=text)]
+        turn.speculation = Speculation(text, held, asyncio.ensure_future(self._run_reply(reply, turn, messages, held)))
+
+    def _drop_speculation(self, turn: Turn) -> None:
+        if turn.speculation:
+            log.debug("turn %s: speculative reply dropped", turn.turn_id)
+            turn.speculation.task.cancel()
+            turn.speculation = None
+
+    async def _run_reply(self, reply: BotReply, turn: Turn, messages: list, held: HeldPlayout | None = None) -> None:
         try:
-            await reply.run(list(self.history))
+            await reply.run(messages)
+            if held is not None:
+                await held.released.wait()
             await self.playout.drained()
             self._end_turn(turn, interrupted=False)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as err:
+            if held is not None and not held.released.is_set():
+                log.info("session %s: speculative reply failed: %s", self.session_id, err.details())
+                if turn.speculation and turn.speculation.held is held:
+                    turn.speculation = None  # the turn will start a fresh reply when confirmed
+                return
             self.emit(pb.ConverseResponse(error=common_pb2.Error(
                 code=err.code().name, message=f"bot reply failed: {err.details()}", fatal=False, source="llm/tts")))
             self._end_turn(turn, interrupted=False)
@@ -286,9 +325,11 @@ class Session:
         turn = self.turn
         if turn is None or turn.ended or turn.replying:
             turn = self._new_turn()  # interrupts a reply in progress (barge-in)
-        elif self._final_timer:  # the user resumed before the turn was released: same turn
-            self._final_timer.cancel()
-            self._final_timer = None
+        else:  # the user resumed before the turn was released: same turn, words still coming
+            self._drop_speculation(turn)
+            if self._final_timer:
+                self._final_timer.cancel()
+                self._final_timer = None
         self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STARTED, turn_number=turn.number, offset_ms=offset_ms)))
         await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=common_pb2.TurnContext(
             turn_id=turn.turn_id, turn_number=turn.number, audio_offset_ms=offset_ms)))
@@ -314,6 +355,8 @@ class Session:
                 transcript = response.transcript
                 if turn is None or transcript.turn_id != turn.turn_id or turn.replying:
                     continue  # late result for a turn that is already over
+                if transcript.at_pause and not transcript.is_final:
+                    self._speculate(turn, f"{turn.user_text} {transcript.text}".strip())
                 if transcript.is_final:
                     turn.user_text = f"{turn.user_text} {transcript.text}".strip()
                     confidence = transcript.confidence

@@ -1,7 +1,6 @@
 """Bad input on Converse ends only that stream, with a clear status; other sessions go on."""
 from __future__ import annotations
 
-import asyncio
 
 import grpc
 import pytest

@@ -48,10 +48,10 @@ def test_spoken_question_gets_spoken_answer(real_mesh, tmp_path):
 
 def test_two_turn_conversation_keeps_history(real_mesh):
     from voicemesh.talk import talk_session
-    from voicemesh.wavio import read_wav_16k_mono
+    from voicemesh.wavio import load_for_sending
     import asyncio
 
-    samples = read_wav_16k_mono(FIXTURES / "two_questions.wav")
+    samples = load_for_sending(FIXTURES / "two_questions.wav")
     result = asyncio.run(talk_session(real_mesh.orchestrator_address, samples))
     assert len(result.turns) == 2
     transcripts = " ".join(t.user_transcript for t in result.turns).lower()

@@ -16,9 +16,8 @@ from voicemesh.llm.providers.base import (
     ToolCallRequest,
     ToolSpec,
 )
-from voicemesh.runtime.config import ServeSettings
 from voicemesh.runtime.errors import FailedPrecondition, InvalidInput, first_message, stream_guard
-from voicemesh.runtime.server import ServiceDefinition, ServicerBase, load_provider_class
+from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.v1 import llm_pb2, llm_pb2_grpc
 
 PROVIDERS = {"llamacpp": "voicemesh.llm.providers.llamacpp:LlamaCppLlmProvider"}
@@ -151,13 +150,4 @@ async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest]) 
     raise FailedPrecondition(f"Generate: the request stream ended while {len(expected) - len(results)} tool result(s) were pending")
 
 
-def build(settings: ServeSettings) -> LlmServicer:
-    return LlmServicer(settings, load_provider_class(PROVIDERS, settings.provider, "llm")())
-
-
-DEFINITION = ServiceDefinition(
-    kind="llm",
-    service_name=llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name,
-    build=build,
-    register=lambda servicer, server: llm_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server),
-)
+DEFINITION = provider_service("llm", LlmServicer, llm_pb2, "LlmService", PROVIDERS)

@@ -87,6 +87,24 @@ class ServiceDefinition:
     register: Callable[[ServicerBase, grpc.aio.Server], None]
 
 
+def provider_service(
+    kind: str, servicer_class: type[ServicerBase], pb2_module, service: str, providers: dict[str, str]
+) -> ServiceDefinition:
+    """The definition of a service that runs one provider, chosen by --provider / env."""
+
+    def build(settings: ServeSettings) -> ServicerBase:
+        return servicer_class(settings, load_provider_class(providers, settings.provider, kind)())
+
+    grpc_module = importlib.import_module(pb2_module.__name__ + "_grpc")
+    add_to_server = getattr(grpc_module, f"add_{service}Servicer_to_server")
+    return ServiceDefinition(
+        kind=kind,
+        service_name=pb2_module.DESCRIPTOR.services_by_name[service].full_name,
+        build=build,
+        register=lambda servicer, server: add_to_server(servicer, server),
+    )
+
+
 async def serve_async(definition: ServiceDefinition, settings: ServeSettings) -> int:
     server = grpc.aio.server(options=grpc_server_options(settings))
     health_servicer = health.aio.HealthServicer()

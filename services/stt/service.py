@@ -4,9 +4,8 @@ from __future__ import annotations
 import grpc
 
 from voicemesh.runtime.audio import InboundAudio
-from voicemesh.runtime.config import ServeSettings
 from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
-from voicemesh.runtime.server import ServiceDefinition, ServicerBase, load_provider_class
+from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.runtime.streams import with_reader
 from voicemesh.stt.providers.base import SttEndOfUtterance, SttProvider, SttStream, SttStreamConfig
 from voicemesh.v1 import stt_pb2, stt_pb2_grpc
@@ -26,7 +25,8 @@ class SttServicer(ServicerBase, stt_pb2_grpc.SttServiceServicer):
             inbound = InboundAudio(config.format, PROVIDER_RATE_HZ, "Recognize")
             stream = self.provider.open_stream(
                 SttStreamConfig(
-                    sample_rate_hz=PROVIDER_RATE_HZ, language=config.language, interim_results=config.interim_results
+                    sample_rate_hz=PROVIDER_RATE_HZ, language=config.language,
+                    interim_results=config.interim_results, pause_transcripts=config.pause_transcripts,
                 )
             )
             try:
@@ -71,19 +71,11 @@ def _to_response(result) -> stt_pb2.RecognizeResponse:
         start_ms=result.start_ms,
         end_ms=result.end_ms,
         turn_id=result.turn_id,
+        at_pause=result.at_pause,
     )
     for word in result.words:
         transcript.words.add(text=word.text, start_ms=word.start_ms, end_ms=word.end_ms, confidence=word.confidence)
     return stt_pb2.RecognizeResponse(transcript=transcript)
 
 
-def build(settings: ServeSettings) -> SttServicer:
-    return SttServicer(settings, load_provider_class(PROVIDERS, settings.provider, "stt")())
-
-
-DEFINITION = ServiceDefinition(
-    kind="stt",
-    service_name=stt_pb2.DESCRIPTOR.services_by_name["SttService"].full_name,
-    build=build,
-    register=lambda servicer, server: stt_pb2_grpc.add_SttServiceServicer_to_server(servicer, server),
-)
+DEFINITION = provider_service("stt", SttServicer, stt_pb2, "SttService", PROVIDERS)

@@ -9,10 +9,9 @@ import grpc
 import numpy as np
 
 from voicemesh.runtime.audio import OutboundAudio, validate_format
-from voicemesh.runtime.config import ServeSettings
 from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
 from voicemesh.runtime.sentences import SentenceAggregator, clean_for_speech
-from voicemesh.runtime.server import ServiceDefinition, ServicerBase, load_provider_class
+from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.runtime.streams import with_reader
 from voicemesh.tts.providers.base import SynthesisRequest, TtsProvider
 from voicemesh.v1 import common_pb2, tts_pb2, tts_pb2_grpc
@@ -136,13 +135,4 @@ async def _read_text(request_iterator, work: asyncio.Queue) -> None:
     work.put_nowait(None)
 
 
-def build(settings: ServeSettings) -> TtsServicer:
-    return TtsServicer(settings, load_provider_class(PROVIDERS, settings.provider, "tts")())
-
-
-DEFINITION = ServiceDefinition(
-    kind="tts",
-    service_name=tts_pb2.DESCRIPTOR.services_by_name["TtsService"].full_name,
-    build=build,
-    register=lambda servicer, server: tts_pb2_grpc.add_TtsServiceServicer_to_server(servicer, server),
-)
+DEFINITION = provider_service("tts", TtsServicer, tts_pb2, "TtsService", PROVIDERS)

@@ -5,9 +5,8 @@ import grpc
 import numpy as np
 
 from voicemesh.runtime.audio import InboundAudio
-from voicemesh.runtime.config import ServeSettings
 from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
-from voicemesh.runtime.server import ServiceDefinition, ServicerBase, load_provider_class
+from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.v1 import vad_pb2, vad_pb2_grpc
 from voicemesh.vad.providers.base import VadProvider
 from voicemesh.vad.segmenter import SegmenterParams, SpeechSegmenter, window_volume
@@ -84,14 +83,4 @@ def _to_response(event, speech_started_ms: int) -> vad_pb2.DetectResponse:
     )
 
 
-def build(settings: ServeSettings) -> VadServicer:
-    provider_class = load_provider_class(PROVIDERS, settings.provider, "vad")
-    return VadServicer(settings, provider_class())
-
-
-DEFINITION = ServiceDefinition(
-    kind="vad",
-    service_name=vad_pb2.DESCRIPTOR.services_by_name["VadService"].full_name,
-    build=build,
-    register=lambda servicer, server: vad_pb2_grpc.add_VadServiceServicer_to_server(servicer, server),
-)
+DEFINITION = provider_service("vad", VadServicer, vad_pb2, "VadService", PROVIDERS)

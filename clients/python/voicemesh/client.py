@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from voicemesh.runtime.config import DEFAULT_PORTS, grpc_channel_options
-from voicemesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from voicemesh.v1 import common_pb2, orchestrator_pb2
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer in one or two short sentences."
 ADDR_ENV = "VOICEMESH_ORCHESTRATOR_ADDR"
@@ -126,7 +127,7 @@ async def chat_session(
     """A typed conversation: each line from `read_line` (None = EOF) becomes a TextInput turn;
     the bot's text is written as it is spoken, and the next line is read once the turn ends.
     Returns a `voicemesh.talk.TalkResult` (bot audio included)."""
-    from voicemesh.talk import SessionTracker, read_responses
+    from voicemesh.talk import SessionTracker, open_session
 
     spoke: set[int] = set()  # turns whose "bot> " prefix has been written
 
@@ -143,44 +144,22 @@ async def chat_session(
             print(f"error: {error.code} from {error.source or 'server'}: {error.message}", file=sys.stderr)
 
     tracker = SessionTracker(show)
-    channel = open_channel(addr)
-    call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Converse()
-    reader = asyncio.create_task(read_responses(call, tracker))
-    try:
-        try:
-            await call.write(config_request(system_prompt, voice, client="voicemesh-chat"))
-        except WRITE_ERRORS:
-            pass  # the reader records why the call failed
-        if not await wait_event(tracker.started, tracker.ended, start_timeout):
-            if not tracker.ended.is_set():
-                tracker.result.failure = f"DEADLINE_EXCEEDED: no SessionStarted within {start_timeout:.0f} s"
-            return tracker.finish()
-        while not tracker.ended.is_set():
+    config = config_request(system_prompt, voice, client="voicemesh-chat")
+    async with open_session(addr, config, tracker, start_timeout, end_timeout) as call:
+        while call is not None and not tracker.ended.is_set():
             line_task = asyncio.ensure_future(read_line())
-            await asyncio.wait([line_task, asyncio.ensure_future(tracker.ended.wait())], return_when=asyncio.FIRST_COMPLETED)
+            ended = asyncio.ensure_future(tracker.ended.wait())
+            await asyncio.wait([line_task, ended], return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
             if not line_task.done():  # the server ended the session while we waited for input
                 line_task.cancel()
                 break
             line = line_task.result()
             if line is None or line.strip() == "/quit":
                 break
-            if not line.strip():
-                continue
-            await _one_text_turn(call, tracker, line.strip(), turn_timeout)
-        if not tracker.ended.is_set():
-            try:
-                await call.write(END_REQUEST)
-            except WRITE_ERRORS:
-                pass
-            ended = await wait_event(tracker.ended, tracker.ended, end_timeout)
-            if not ended and not tracker.result.end_reason:
-                tracker.result.failure = f"DEADLINE_EXCEEDED: no SessionEnded within {end_timeout:.0f} s of End"
-        return tracker.finish()
-    finally:
-        if not tracker.ended.is_set():
-            call.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        await channel.close()
+            if line.strip():
+                await _one_text_turn(call, tracker, line.strip(), turn_timeout)
+    return tracker.finish()
 
 
 async def _one_text_turn(call, tracker, text: str, timeout: float) -> None:
@@ -204,12 +183,35 @@ async def _one_text_turn(call, tracker, text: str, timeout: float) -> None:
         await wait_event(tracker.changed, tracker.ended, deadline - loop.time())
 
 
-def run_chat(addr: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT, voice: str = "", out: str | None = None) -> int:
-    """The chat REPL on stdin/stdout; returns an exit code. Also used by `voicemesh up --chat`."""
+def run_chat(
+    addr: str,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    voice: str = "",
+    out: str | None = None,
+    abort: threading.Event | None = None,
+) -> int:
+    """The chat REPL on stdin/stdout; returns an exit code. `abort`, set from another thread,
+    ends the chat at once (`voicemesh up --chat` sets it when a service dies)."""
     reader = LineReader()
     if reader.interactive:
         print(f"connected to {addr}; type a message, /quit or Ctrl-D to end", file=sys.stderr)
-    result = asyncio.run(chat_session(addr, reader, system_prompt=system_prompt, voice=voice))
+
+    async def chat():
+        if abort is not None:
+            task, loop = asyncio.current_task(), asyncio.get_running_loop()
+
+            def cancel_on_abort() -> None:
+                abort.wait()
+                with contextlib.suppress(RuntimeError):  # the loop may be gone by then
+                    loop.call_soon_threadsafe(task.cancel)
+
+            threading.Thread(target=cancel_on_abort, name="chat-abort", daemon=True).start()
+        return await chat_session(addr, reader, system_prompt=system_prompt, voice=voice)
+
+    try:
+        result = asyncio.run(chat())
+    except asyncio.CancelledError:
+        return 1
     if out and result.bot_audio:
         from voicemesh.wavio import write_wav
 
@@ -262,7 +264,8 @@ def _talk(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
     else:
-        print(f"session {result.session_id or '?'}: {len(result.turns)} turn(s), {result.audio_seconds:.1f} s of bot audio")
+        if result.session_id:
+            print(f"session {result.session_id}: {len(result.turns)} turn(s), {result.audio_seconds:.1f} s of bot audio")
         for turn in result.turns:
             latency = f"{turn.latency_ms:.0f} ms" if turn.latency_ms is not None else "n/a"
             server = f"{turn.server_latency_ms:.0f} ms" if turn.server_latency_ms is not None else "n/a"

@@ -1,15 +1,14 @@
 """`voicemesh up`: run the whole mesh locally, one process per service, and supervise it.
 
-`Mesh` is also the harness the end-to-end tests use: it starts real service processes on
-the ports it is given, waits for gRPC health SERVING, and always stops what it started
-(SIGTERM by pid, then SIGKILL for stragglers), even when the caller fails.
+`Mesh` is also the end-to-end tests' harness: it starts the real services on the ports given,
+waits for gRPC health SERVING, and always stops what it started (SIGTERM by pid, then SIGKILL).
 """
 from __future__ import annotations
 
-import _thread
 import argparse
 import asyncio
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -30,10 +29,8 @@ BACKENDS = ("vad", "stt", "llm", "tts")
 ALL_SERVICES = (*BACKENDS, "orchestrator")
 DEFAULT_LOG_DIR = ".voicemesh/logs"
 SERVING = health_pb2.HealthCheckResponse.SERVING
-# Probe channels retry quickly: gRPC's default reconnect backoff grows to minutes, which
-# would hide a service that finished loading long after the first refused connection.
-PROBE_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                 ("grpc.max_reconnect_backoff_ms", 500)]
+# Health probes reconnect quickly: gRPC's default backoff grows to minutes after refusals.
+PROBE_OPTIONS = [(f"grpc.{name}_reconnect_backoff_ms", ms) for name, ms in (("initial", 200), ("min", 200), ("max", 500))]
 
 
 class MeshError(RuntimeError):
@@ -52,15 +49,14 @@ class Child:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """Where to connect: a wildcard bind address is reached on loopback."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]", "") else self.host
+        return f"{host}:{self.port}"
 
     def tail(self, lines: int = 20) -> str:
         """The last lines of this service's log, for crash reports."""
         try:
-            with open(self.log_path, "rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - 64 * 1024))
-                text = log.read().decode("utf-8", "replace")
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
@@ -72,27 +68,23 @@ class Child:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    host = host.strip("[]")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+            return False
         except OSError:
             return True
-    return False
 
 
 def free_ports(kinds: Sequence[str] = ALL_SERVICES, host: str = "127.0.0.1") -> dict[str, int]:
     """Ports the OS reports free right now, one per service (for tests running beside a real mesh)."""
-    sockets = []
-    try:
-        for _ in kinds:
-            sock = socket.socket()
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return {kind: sock.getsockname()[1] for kind, sock in zip(kinds, sockets)}
-    finally:
-        for sock in sockets:
-            sock.close()
+    with contextlib.ExitStack() as stack:
+        sockets = {kind: stack.enter_context(socket.socket()) for kind in kinds}
+        for sock in sockets.values():
+            sock.bind((host, 0))  # all bound at once, so no two services get the same port
+        return {kind: sock.getsockname()[1] for kind, sock in sockets.items()}
 
 
 def serve_command(kind: str, host: str, port: int) -> list[str]:
@@ -117,7 +109,7 @@ class Mesh:
     services: Sequence[str] = ALL_SERVICES
     extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
     command: Callable[[str, str, int], list[str]] | None = None
-    progress: Callable[[str], None] | None = None
+    progress: Callable[[str], None] = lambda text: None  # noqa: E731 - progress lines, e.g. print
     children: dict[str, Child] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -134,19 +126,14 @@ class Mesh:
     def orchestrator_address(self) -> str:
         return self.address("orchestrator")
 
-    def _say(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress(text)
-
     def start(self) -> "Mesh":
         """Backends first (in parallel), then the orchestrator; returns once all are SERVING.
         Raises MeshError (after stopping everything) if any fails. Idempotent."""
         if any(c.process is not None for c in self.children.values()):
             return self
-        busy = [c for c in self.children.values() if port_in_use(c.host, c.port)]
+        busy = ", ".join(f"{c.kind} {c.host}:{c.port}" for c in self.children.values() if port_in_use(c.host, c.port))
         if busy:
-            names = ", ".join(f"{c.kind} {c.address}" for c in busy)
-            raise MeshError(f"port already in use: {names} (another mesh running? choose other ports)")
+            raise MeshError(f"port already in use: {busy} (another mesh running? choose other ports)")
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
         try:
@@ -154,9 +141,8 @@ class Mesh:
             self._launch(backends, {})
             self._wait_healthy(backends)
             if "orchestrator" in self.children:
-                addrs = {f"VOICEMESH_{c.kind.upper()}_ADDR": c.address for c in backends}
                 orchestrator = [self.children["orchestrator"]]
-                self._launch(orchestrator, addrs)
+                self._launch(orchestrator, {f"VOICEMESH_{c.kind.upper()}_ADDR": c.address for c in backends})
                 self._wait_healthy(orchestrator)
         except BaseException:
             self.stop()
@@ -175,7 +161,7 @@ class Mesh:
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
                 )
             child.started_at = time.monotonic()
-            self._say(f"starting {child.kind} on {child.address} (pid {child.process.pid}, log {child.log_path})")
+            self.progress(f"starting {child.kind} on {child.address} (pid {child.process.pid}, log {child.log_path})")
 
     def _wait_healthy(self, children: list[Child]) -> None:
         deadline = time.monotonic() + self.ready_timeout
@@ -183,19 +169,17 @@ class Mesh:
         try:
             pending = list(children)
             while pending:
+                if (crashed := self.exited()) is not None:  # any child, not only those awaited
+                    raise MeshError(crashed.describe_exit())
                 for child in list(pending):
-                    if child.process.poll() is not None:
-                        raise MeshError(child.describe_exit())
                     if _is_serving(channels[child.kind]):
                         child.ready_seconds = time.monotonic() - child.started_at
-                        self._say(f"{child.kind} is serving ({child.ready_seconds:.1f} s)")
+                        self.progress(f"{child.kind} is serving ({child.ready_seconds:.1f} s)")
                         pending.remove(child)
                 if pending and time.monotonic() > deadline:
-                    names = ", ".join(c.kind for c in pending)
-                    raise MeshError(
-                        f"not healthy after {self.ready_timeout:.0f} s: {names}; last lines of "
-                        f"{pending[0].log_path}:\n{pending[0].tail()}"
-                    )
+                    names, first = ", ".join(c.kind for c in pending), pending[0]
+                    raise MeshError(f"not healthy after {self.ready_timeout:.0f} s: {names}; "
+                                    f"last lines of {first.log_path}:\n{first.tail()}")
                 if self._stopping.wait(0.25 if pending else 0):
                     raise MeshError("stopped while starting")
         finally:
@@ -209,8 +193,7 @@ class Mesh:
     def wait(self, poll_seconds: float = 0.5) -> Child | None:
         """Block until a child exits (or stop() is called from elsewhere, returning None)."""
         while not self._stopping.wait(poll_seconds):
-            crashed = self.exited()
-            if crashed is not None:
+            if (crashed := self.exited()) is not None:
                 return crashed
         return None
 
@@ -219,13 +202,13 @@ class Mesh:
         stop_timeout. Idempotent. Returns each child's exit code."""
         self._stopping.set()
         atexit.unregister(self.stop)
-        order = [c for c in (self.children.get("orchestrator"),) if c] + [c for k, c in self.children.items() if k != "orchestrator"]
-        try:
-            for group in (order[:1], order[1:]):
-                self._terminate([c for c in group if c.process is not None])
+        started = [c for c in self.children.values() if c.process is not None]
+        try:  # the orchestrator first, so its sessions end before the backends go away
+            self._terminate([c for c in started if c.kind == "orchestrator"])
+            self._terminate([c for c in started if c.kind != "orchestrator"])
         except KeyboardInterrupt:  # a second Ctrl-C: no more patience
-            self._terminate([c for c in order if c.process is not None], patience=0)
-        return {c.kind: c.process.returncode if c.process else None for c in order}
+            self._terminate(started, patience=0)
+        return {c.kind: c.process.returncode if c.process else None for c in self.children.values()}
 
     def _terminate(self, children: list[Child], patience: float | None = None) -> None:
         for child in children:
@@ -236,7 +219,7 @@ class Mesh:
             try:
                 child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self._say(f"{child.kind} did not stop in time; killing pid {child.process.pid}")
+                self.progress(f"{child.kind} did not stop in time; killing pid {child.process.pid}")
                 child.process.kill()
                 child.process.wait()
 
@@ -298,23 +281,19 @@ def _up(args: argparse.Namespace) -> int:
         else:
             from voicemesh.client import run_chat
 
-            chatting, lock = [True], threading.Lock()
+            abort = threading.Event()
 
-            def watch() -> None:  # a crash mid-chat interrupts the REPL like Ctrl-C would
-                child = mesh.wait()
-                with lock:
-                    if child is not None and chatting[0]:
-                        crashed.append(child)
-                        _thread.interrupt_main()
+            def watch() -> None:  # a crash mid-chat ends the REPL at once
+                if (child := mesh.wait()) is not None:
+                    crashed.append(child)
+                    abort.set()
 
             threading.Thread(target=watch, name="mesh-watch", daemon=True).start()
-            try:
-                code = run_chat(mesh.orchestrator_address)
-            finally:
-                with lock:
-                    chatting[0] = False
-            if not crashed and mesh.exited() is not None:  # the chat saw the crash first
-                crashed.append(mesh.exited())
+            code = run_chat(mesh.orchestrator_address, abort=abort)
+            crashed.append(mesh.exited())  # the chat may have seen the crash first
+        if crashed[0] is not None:
+            say(f"error: {crashed[0].describe_exit()}")
+            code = 1
     except MeshError as err:
         say(f"error: {err}")
         code = 1
@@ -323,9 +302,6 @@ def _up(args: argparse.Namespace) -> int:
     finally:
         say("stopping the mesh")
         mesh.stop()
-    if crashed and crashed[0] is not None:
-        say(f"error: {crashed[0].describe_exit()}")
-        return 1
     return code
 
 

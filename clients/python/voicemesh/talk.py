@@ -1,4 +1,5 @@
-"""`voicemesh talk` core: stream a recording to the orchestrator in real time and time each reply.
+"""`voicemesh talk` core: stream a recording to the orchestrator in real time and time each
+reply; also the session plumbing (`SessionTracker`, `open_session`) that `chat` shares.
 
 Latency is measured from the input audio itself, not from server events: the end of each
 speech segment (found by `wavio.speech_segments`) happens when the chunk holding its last
@@ -7,6 +8,7 @@ sample is sent, and the turn's latency runs from then to the first bot audio of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,40 +20,11 @@ from voicemesh.client import (
     DEFAULT_SYSTEM_PROMPT, END_REQUEST, OUTPUT_RATE_HZ, WRITE_ERRORS, config_request, open_channel, wait_event,
 )
 from voicemesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from voicemesh.wavio import SEND_RATE_HZ, Segment, speech_segments, to_pcm16
+from voicemesh.wavio import SEND_RATE_HZ, Segment, assign_latencies, send_time, speech_segments, to_pcm16
 
 CHUNK_MS = 40
 END_REASONS = {v.number: v.name.removeprefix("REASON_") for v in orchestrator_pb2.SessionEnded.Reason.DESCRIPTOR.values}
 pb = orchestrator_pb2
-
-
-def send_time(start: float, index: int, chunk_seconds: float) -> float:
-    """When chunk `index` leaves: like a microphone, once its last sample has been "recorded".
-
-    Computed from the start every time (never accumulated), so thousands of chunks later the
-    schedule is still exact and any lateness of one send does not shift the ones after it.
-    """
-    return start + (index + 1) * chunk_seconds
-
-
-def chunk_send_times(count: int, chunk_seconds: float, start: float = 0.0) -> list[float]:
-    return [send_time(start, k, chunk_seconds) for k in range(count)]
-
-
-def assign_latencies(segment_ends: list[float], first_audio: dict[int, float]) -> dict[int, float]:
-    """Turn number -> ms from the end of user speech to the first audio of that turn's reply.
-
-    Each segment is answered by the turn whose first audio arrives first at or after the
-    segment's end. When several segments map to one turn (the server heard one utterance
-    with a pause in it), the last one wins: the reply can only start after the user stopped.
-    """
-    latencies: dict[int, float] = {}
-    replies = sorted((t, turn) for turn, t in first_audio.items())
-    for end in segment_ends:
-        reply = next(((t, turn) for t, turn in replies if t >= end), None)
-        if reply is not None:
-            latencies[reply[1]] = (reply[0] - end) * 1000.0
-    return latencies
 
 
 def _round(value: float | None) -> float | None:
@@ -140,7 +113,7 @@ class SessionTracker:
         self.latest_turn = 0
         self.started = asyncio.Event()
         self.ended = asyncio.Event()  # set once the response stream is over, for any reason
-        self.changed = asyncio.Event()  # pulsed on every event, for waiters
+        self.changed = asyncio.Event()  # set (and replaced) on every event, for waiters
 
     def turn(self, number: int) -> TurnResult:
         number = number or self.latest_turn  # tolerate a missing turn number
@@ -190,8 +163,10 @@ class SessionTracker:
             result.end_reason = END_REASONS.get(event.reason, str(event.reason))
         if self.on_event is not None:
             self.on_event(response)
+        # A fresh Event per change: a waiter holding the old one sees it set even if it
+        # only starts waiting after this event was handled, so no change is ever missed.
         self.changed.set()
-        self.changed.clear()
+        self.changed = asyncio.Event()
 
     def reply_complete(self, last_speech_end: float | None) -> bool:
         """Every started turn has ended, nobody is speaking, and the last utterance was answered."""
@@ -220,6 +195,35 @@ async def read_responses(call, tracker: SessionTracker) -> None:
         tracker.ended.set()
 
 
+@contextlib.asynccontextmanager
+async def open_session(addr: str, config: orchestrator_pb2.ConverseRequest, tracker: SessionTracker,
+                       start_timeout: float = 30.0, end_timeout: float = 30.0):
+    """One Converse call: yields it once SessionStarted has come, or None when it never did
+    (the tracker's result says why). On a normal exit sends End and waits for the stream to
+    close; on any exit cancels what is still open and closes the channel."""
+    channel = open_channel(addr)
+    call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Converse()
+    reader = asyncio.create_task(read_responses(call, tracker))
+    result = tracker.result
+    try:
+        with contextlib.suppress(*WRITE_ERRORS):  # on failure the reader records why
+            await call.write(config)
+        started = await wait_event(tracker.started, tracker.ended, start_timeout)
+        if not started and not tracker.ended.is_set():
+            result.failure = f"DEADLINE_EXCEEDED: no SessionStarted within {start_timeout:.0f} s"
+        yield call if started else None
+        if started and not tracker.ended.is_set():
+            with contextlib.suppress(*WRITE_ERRORS):
+                await call.write(END_REQUEST)
+            if not await wait_event(tracker.ended, tracker.ended, end_timeout) and not result.end_reason:
+                result.failure = f"DEADLINE_EXCEEDED: no SessionEnded within {end_timeout:.0f} s of End"
+    finally:
+        if not tracker.ended.is_set():
+            call.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await channel.close()
+
+
 async def talk_session(
     addr: str,
     samples_16k: np.ndarray,
@@ -239,65 +243,45 @@ async def talk_session(
     `TalkResult.ok`, `.failure`, `.errors`."""
     samples = samples_16k if samples_16k.dtype == np.int16 else to_pcm16(np.asarray(samples_16k, np.float32), SEND_RATE_HZ)
     chunk = SEND_RATE_HZ * chunk_ms // 1000
-    chunk_seconds = chunk / SEND_RATE_HZ
     segments = speech_segments(samples, SEND_RATE_HZ)
     tracker = SessionTracker(on_event)
     tracker.result.segments = segments
-    silence = bytes(2 * chunk)
     sent_at: list[float] = []  # monotonic time each chunk actually left
+    config = config_request(system_prompt, voice, session_id, client="voicemesh-talk")
+    async with open_session(addr, config, tracker, start_timeout, end_timeout) as call:
+        if call is not None:
+            await _stream_audio(call, tracker, samples, chunk, wait_after, sent_at)
+    # A segment ends when the chunk holding its last sample is sent.
+    ends = [sent_at[(seg.end - 1) // chunk] for seg in segments if (seg.end - 1) // chunk < len(sent_at)]
+    for number, latency in assign_latencies(ends, tracker.first_audio).items():
+        tracker.turn(number).latency_ms = latency
+    return tracker.finish()
 
-    channel = open_channel(addr)
-    call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Converse()
-    reader = asyncio.create_task(read_responses(call, tracker))
-    try:
+
+async def _stream_audio(call, tracker: SessionTracker, samples: np.ndarray, chunk: int, wait_after: float,
+                        sent_at: list[float]) -> None:
+    """The input in real time, then silence until the last turn is answered or the server idles."""
+    chunk_seconds, chunk_ms = chunk / SEND_RATE_HZ, 1000 * chunk // SEND_RATE_HZ
+    last_segment = tracker.result.segments[-1] if tracker.result.segments else None
+    # The clock starts once the session is ready, so no audio queues up behind setup.
+    start = time.monotonic()
+    index, audio_done, last_speech_end = 0, None, None
+    while not tracker.ended.is_set():
+        if index * chunk < len(samples):
+            data = samples[index * chunk : (index + 1) * chunk].astype("<i2").tobytes().ljust(2 * chunk, b"\0")
+        else:
+            if audio_done is None:
+                audio_done = time.monotonic()
+                last_speech_end = sent_at[(last_segment.end - 1) // chunk] if last_segment else None
+            idle = time.monotonic() - max(audio_done, tracker.last_event)
+            if tracker.reply_complete(last_speech_end) or idle >= wait_after:
+                return
+            data = bytes(2 * chunk)
+        request = pb.ConverseRequest(audio=common_pb2.AudioChunk(data=data, seq=index, offset_ms=index * chunk_ms))
+        await asyncio.sleep(max(0.0, send_time(start, index, chunk_seconds) - time.monotonic()))
         try:
-            await call.write(config_request(system_prompt, voice, session_id, client="voicemesh-talk"))
+            await call.write(request)
         except WRITE_ERRORS:
-            pass  # the reader records why the call failed
-        if not await wait_event(tracker.started, tracker.ended, start_timeout):
-            if not tracker.ended.is_set():
-                tracker.result.failure = f"DEADLINE_EXCEEDED: no SessionStarted within {start_timeout:.0f} s"
-            return tracker.finish()
-        # The clock starts once the session is ready, so no audio queues up behind setup.
-        start = time.monotonic()
-        index = 0
-        audio_done = None
-        last_speech_end = None
-        while not tracker.ended.is_set():
-            offset = index * chunk
-            if offset < len(samples):
-                data = samples[offset : offset + chunk].astype("<i2").tobytes().ljust(2 * chunk, b"\0")
-            else:
-                if audio_done is None:
-                    audio_done = time.monotonic()
-                    last_speech_end = sent_at[(segments[-1].end - 1) // chunk] if segments else None
-                idle = time.monotonic() - max(audio_done, tracker.last_event)
-                if tracker.reply_complete(last_speech_end) or idle >= wait_after:
-                    break
-                data = silence
-            request = pb.ConverseRequest(audio=common_pb2.AudioChunk(data=data, seq=index, offset_ms=index * chunk_ms))
-            await asyncio.sleep(max(0.0, send_time(start, index, chunk_seconds) - time.monotonic()))
-            try:
-                await call.write(request)
-            except WRITE_ERRORS:
-                break
-            sent_at.append(time.monotonic())
-            index += 1
-        if not tracker.ended.is_set():
-            try:
-                await call.write(END_REQUEST)
-            except WRITE_ERRORS:
-                pass
-            ended = await wait_event(tracker.ended, tracker.ended, end_timeout)
-            if not ended and not tracker.result.end_reason:
-                tracker.result.failure = f"DEADLINE_EXCEEDED: no SessionEnded within {end_timeout:.0f} s of End"
-        # Segment ends as wall times: the send time of the chunk holding each segment's last sample.
-        ends = [sent_at[(seg.end - 1) // chunk] for seg in segments if (seg.end - 1) // chunk < len(sent_at)]
-        for number, latency in assign_latencies(ends, tracker.first_audio).items():
-            tracker.turn(number).latency_ms = latency
-        return tracker.finish()
-    finally:
-        if not tracker.ended.is_set():
-            call.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        await channel.close()
+            return
+        sent_at.append(time.monotonic())
+        index += 1

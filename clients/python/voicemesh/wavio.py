@@ -1,5 +1,6 @@
-"""WAV files in and out, conversion to the 16 kHz mono PCM16 the client sends, and an
-energy-based speech-segment finder used to time turns from the input audio itself."""
+"""WAV files in and out, conversion to the 16 kHz mono PCM16 the client sends, and the timing
+of audio: the real-time send schedule, an energy-based speech-segment finder, and the
+matching of speech ends to replies that `voicemesh talk` reports as latency."""
 from __future__ import annotations
 
 import wave
@@ -66,6 +67,35 @@ def write_wav(path: str | Path, pcm16: bytes | np.ndarray, rate_hz: int) -> None
         wav.setsampwidth(2)
         wav.setframerate(rate_hz)
         wav.writeframes(data)
+
+
+def send_time(start: float, index: int, chunk_seconds: float) -> float:
+    """When chunk `index` leaves: like a microphone, once its last sample has been "recorded".
+
+    Computed from the start every time (never accumulated), so thousands of chunks later the
+    schedule is still exact and any lateness of one send does not shift the ones after it.
+    """
+    return start + (index + 1) * chunk_seconds
+
+
+def chunk_send_times(count: int, chunk_seconds: float, start: float = 0.0) -> list[float]:
+    return [send_time(start, k, chunk_seconds) for k in range(count)]
+
+
+def assign_latencies(segment_ends: list[float], first_audio: dict[int, float]) -> dict[int, float]:
+    """Turn number -> ms from the end of user speech to the first audio of that turn's reply.
+
+    Each segment is answered by the turn whose first audio arrives first at or after the
+    segment's end. When several segments map to one turn (the server heard one utterance
+    with a pause in it), the last one wins: the reply can only start after the user stopped.
+    """
+    latencies: dict[int, float] = {}
+    replies = sorted((t, turn) for turn, t in first_audio.items())
+    for end in segment_ends:
+        reply = next(((t, turn) for t, turn in replies if t >= end), None)
+        if reply is not None:
+            latencies[reply[1]] = (reply[0] - end) * 1000.0
+    return latencies
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ class SttStreamConfig:
     sample_rate_hz: int = 16000  # audio handed to push_audio is PCM16 mono at this rate
     language: str = ""  # BCP-47; empty means the provider default
     interim_results: bool = True
+    pause_transcripts: bool = False  # emit a transcript at each pause (see SttTranscript.at_pause)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class SttTranscript:
     end_ms: int = 0
     words: tuple[Word, ...] = field(default_factory=tuple)
     turn_id: str = ""
+    at_pause: bool = False  # interim decoded at a pause: the final will match unless speech resumes
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,7 @@ class WhisperSttStream(SttStream):
         self._quiet_since: int | None = None  # first sample of the current quiet run
         self._interim_end = 0  # end sample of the interim decode in flight
         self._latest: tuple[int, int, _Decoded] | None = None  # (generation, end sample, result)
+        self._announced_pause: int | None = None  # the pause (its first sample) already announced
 
     def _samples(self, ms: int) -> int:
         return ms * self._rate // 1000
@@ -228,7 +229,9 @@ class WhisperSttStream(SttStream):
         self._track_pauses(pcm16)
         if self._interim_task is not None or self._pending_finals:
             return  # busy: retry on the next push
-        if self._pause_needs_decode():
+        if self._pause_covered() and self._pause_long_enough():
+            self._announce_pause()  # a decode made before the pause was long enough covers it
+        elif self._pause_needs_decode():
             self._start_interim()
         elif self._config.interim_results and self._total >= self._next_interim_at and not self._pause_covered():
             self._start_interim()
@@ -254,6 +257,18 @@ class WhisperSttStream(SttStream):
         if self._quiet_since - self._utterance_start < self._samples(PAUSE_MS):
             return False  # no speech in this utterance yet
         return not self._pause_covered()
+
+    def _pause_long_enough(self) -> bool:
+        return self._quiet_since is not None and self._total - self._quiet_since >= self._samples(PAUSE_MS)
+
+    def _announce_pause(self) -> None:
+        """Send the latest decode once as this pause's transcript (at_pause), if asked for."""
+        generation, end, decoded = self._latest
+        if self._announced_pause == self._quiet_since:
+            return
+        self._announced_pause = self._quiet_since
+        if self._config.pause_transcripts and decoded.text:
+            self._emit_interim(decoded, self._turn_id, (self._ms(self._utterance_start), self._ms(end)), at_pause=True)
 
     def _pause_covered(self) -> bool:
         """A finished decode already covers everything up to the current pause."""
@@ -337,7 +352,7 @@ class WhisperSttStream(SttStream):
         )
 
     async def _run_interim(
-        self, generation: int, turn_id: str, audio: np.ndarray, span: tuple[int, int], audio_start_ms: int
+        self, generation: int, turn_id: str, audio: np.ndarray, span: tuple[int, int], audio_start_ms: int,
     ) -> "_Decoded | None":
         try:
             # Same settings as a final, so a decode made in a pause can become the final.
@@ -350,15 +365,21 @@ class WhisperSttStream(SttStream):
         finally:
             self._interim_task = None
         self._latest = (generation, self._samples(span[1]), decoded)
-        if generation != self._generation or not decoded.text or not self._config.interim_results:
-            return decoded  # finalized or replaced meanwhile, nothing heard yet, or interims off
+        if generation != self._generation or not decoded.text:
+            return decoded  # finalized or replaced meanwhile, or nothing heard yet
+        if self._pause_covered() and self._pause_long_enough():
+            self._announce_pause()
+        elif self._config.interim_results:
+            self._emit_interim(decoded, turn_id, span, at_pause=False)
+        return decoded
+
+    def _emit_interim(self, decoded: "_Decoded", turn_id: str, span: tuple[int, int], at_pause: bool) -> None:
         words = _word_keys(decoded.text)
         stability, self._previous_words = _stability(self._previous_words, words), words
         self._queue.put_nowait(SttTranscript(
             text=decoded.text, is_final=False, stability=stability, confidence=decoded.confidence,
-            language=self._language, start_ms=span[0], end_ms=span[1], turn_id=turn_id,
+            language=self._language, start_ms=span[0], end_ms=span[1], turn_id=turn_id, at_pause=at_pause,
         ))
-        return decoded
 
     async def _run_final(
         self, previous: asyncio.Task | None, audio: np.ndarray, audio_start_ms: int,
