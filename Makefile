@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 help:
 	@echo "make run    start the whole mesh locally and chat with it (Ctrl-C stops it)"
 	@echo "make test   run the test suite"
-	@echo "make lint   buf lint the protos"
+	@echo "make lint   buf lint the protos, ruff the code"
 
 install: $(VENV)/.installed $(GEN)/.stamp .models/.stamp apt
 
@@ -56,11 +56,13 @@ run: install
 up: install
 	$(BIN)/voicemesh up
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: install
+# buf lint (STANDARD) on the contract, ruff on the Python.
+lint: $(VENV)/.installed
 	cd protos && ../$(BIN)/buf lint
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf build .models $(VENV)

@@ -86,7 +86,7 @@ def test_fixture_speech_matches_its_annotation():
     annotation = json.loads((FIXTURES / "fixtures.json").read_text())["two_questions.wav"]
     segments = speech_segments(load_for_sending(FIXTURES / "two_questions.wav"), RATE)
     assert len(segments) == len(annotation)
-    for segment, spoken in zip(segments, annotation):
+    for segment, spoken in zip(segments, annotation, strict=False):
         assert segment.start_ms == pytest.approx(spoken["start_ms"], abs=60)
         assert segment.end_ms == pytest.approx(spoken["end_ms"], abs=60)
 

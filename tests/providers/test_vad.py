@@ -18,7 +18,7 @@ def feed(segmenter: SpeechSegmenter, probabilities, volumes=LOUD, first_window: 
     """Push windows in order; returns [(window index, event)]."""
     volumes = np.broadcast_to(np.asarray(volumes, dtype=float), (len(probabilities),))
     events = []
-    for i, (p, v) in enumerate(zip(probabilities, volumes), start=first_window):
+    for i, (p, v) in enumerate(zip(probabilities, volumes, strict=False), start=first_window):
         for event in segmenter.push((i + 1) * WINDOW_SAMPLES, p, v):
             events.append((i, event))
     return events

@@ -148,7 +148,7 @@ def speech_segments(
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     merge_frames = merge_gap_ms / frame_ms
     runs: list[list[int]] = []
-    for start, end in zip(starts.tolist(), ends.tolist()):
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=False):
         if runs and start - runs[-1][1] < merge_frames:
             runs[-1][1] = end
         else:

@@ -1,0 +1,301 @@
+"""One Whisper recognition stream: the audio ring, interims, pause decodes and finals.
+
+See whisper.py for the model side. Offsets here are stream samples/milliseconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soxr
+
+from voicemesh.stt.providers.base import (
+    SttEndOfUtterance, SttResult, SttStream, SttStreamConfig, SttTranscript, Word,
+)
+
+if TYPE_CHECKING:
+    from voicemesh.stt.providers.whisper import WhisperSttProvider
+
+log = logging.getLogger("voicemesh.stt.providers.whisper")
+
+WHISPER_RATE_HZ = 16_000
+WINDOW_S = 30  # Whisper's input window: how much audio a stream keeps
+MAX_DECODE_MS = 29_900  # the pipeline takes audio as one clip only when it is under 30 s
+PREROLL_MS = 250  # VAD reports speech starts ~100-250 ms late; keep the onset of the first word
+# Audio time between interim decodes. One decode takes ~0.4-0.6 s on 2 cores, so 0.7 s keeps
+# a single stream's interims close to real time without a backlog.
+INTERIM_EVERY_MS = 700
+# Pause decodes: when the user pauses (PAUSE_MS of quiet audio), decode at once, so that if
+# the pause turns out to be the end of the utterance, finalize() can answer with that decode
+# instead of starting one (the VAD needs ~0.8 s to confirm the end; a decode takes ~0.45 s).
+PAUSE_MS = 200
+QUIET_FRAME_MS = 20
+QUIET_RATIO = 0.1  # a frame is quiet below this share of the utterance's loudest frame ...
+QUIET_FLOOR_RMS = 150.0  # ... or below this int16 RMS (about -47 dBFS), whichever is higher
+# Whisper's "no speech" rule: a segment is dropped when both hold (silence decodes to "you").
+NO_SPEECH_PROB = 0.6
+LOG_PROB_FLOOR = -1.0
+_END = object()  # results() sentinel
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    text: str
+    confidence: float  # exp(mean avg_logprob) of the kept segments
+    words: tuple[Word, ...]  # times in stream ms
+
+
+def _word_keys(text: str) -> list[str]:
+    """Words normalised for comparing interims ("cap?" vs "capital")."""
+    return [w.strip(".,!?;:\"'").lower() for w in text.split()]
+
+
+def _stability(previous: list[str], current: list[str]) -> float:
+    """Share of the current words unchanged since the previous interim (common prefix)."""
+    same = 0
+    while same < min(len(previous), len(current)) and previous[same] == current[same]:
+        same += 1
+    return same / len(current) if current else 0.0
+
+
+class WhisperSttStream(SttStream):
+    """One recognition stream. Offsets are stream milliseconds: the audio pushed so far.
+
+    finalize() returns at once; the final transcript and the end of utterance follow on
+    results() when the decode is done. Finals come out in the order of the finalize() calls,
+    and no interim of an utterance is emitted after its final.
+    """
+
+    def __init__(self, provider: WhisperSttProvider, config: SttStreamConfig, language: str) -> None:
+        self._provider, self._config, self._language = provider, config, language
+        self._rate = config.sample_rate_hz
+        self._ring = bytearray()  # PCM16, the last WINDOW_S seconds (plus up to 5 s before a trim)
+        self._ring_start = 0  # stream sample index of the ring's first sample
+        self._total = 0  # samples pushed so far
+        self._segment_start = 0  # where audio since the last finalize begins (no turn_start case)
+        self._utterance_start: int | None = None  # sample of the open utterance's turn_start
+        self._turn_id = ""
+        self._generation = 0  # bumped when an utterance ends; interims of older ones are dropped
+        self._next_interim_at = 0
+        self._previous_words: list[str] = []
+        self._interim_task: asyncio.Task | None = None
+        self._interim_generation = 0
+        self._final_task: asyncio.Task | None = None  # the last one; each waits for the one before
+        self._pending_finals = 0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._closed = False
+        # Pause tracking for the open utterance (see PAUSE_MS).
+        self._peak_rms = 0.0
+        self._quiet_since: int | None = None  # first sample of the current quiet run
+        self._interim_end = 0  # end sample of the interim decode in flight
+        self._latest: tuple[int, int, _Decoded] | None = None  # (generation, end sample, result)
+        self._announced_pause: int | None = None  # the pause (its first sample) already announced
+
+    def _samples(self, ms: int) -> int:
+        return ms * self._rate // 1000
+
+    def _ms(self, samples: int) -> int:
+        return samples * 1000 // self._rate
+
+    async def push_audio(self, pcm16: bytes) -> None:
+        if self._closed:
+            return
+        self._ring += pcm16
+        self._total += len(pcm16) // 2
+        excess = len(self._ring) // 2 - WINDOW_S * self._rate
+        if excess > 5 * self._rate:  # trim in 5 s steps, not on every push
+            del self._ring[: 2 * excess]
+            self._ring_start += excess
+        if self._utterance_start is None:
+            return
+        self._track_pauses(pcm16)
+        if self._interim_task is not None or self._pending_finals:
+            return  # busy: retry on the next push
+        if self._pause_covered() and self._pause_long_enough():
+            self._announce_pause()  # a decode made before the pause was long enough covers it
+        elif self._pause_needs_decode():
+            self._start_interim()
+        elif self._config.interim_results and self._total >= self._next_interim_at and not self._pause_covered():
+            self._start_interim()
+
+    def _track_pauses(self, pcm16: bytes) -> None:
+        frame = self._samples(QUIET_FRAME_MS)
+        samples = np.frombuffer(pcm16, dtype="<i2")
+        first = self._total - len(samples)
+        for index in range(len(samples) // frame):
+            chunk = samples[index * frame : (index + 1) * frame].astype(np.float32)
+            rms = float(np.sqrt(np.dot(chunk, chunk) / frame))
+            self._peak_rms = max(self._peak_rms, rms)
+            if rms < max(QUIET_FLOOR_RMS, QUIET_RATIO * self._peak_rms):
+                if self._quiet_since is None:
+                    self._quiet_since = first + index * frame
+            else:
+                self._quiet_since = None
+
+    def _pause_needs_decode(self) -> bool:
+        """The user has paused, and no decode (done or running) covers the speech before it."""
+        if self._quiet_since is None or self._total - self._quiet_since < self._samples(PAUSE_MS):
+            return False
+        if self._quiet_since - self._utterance_start < self._samples(PAUSE_MS):
+            return False  # no speech in this utterance yet
+        return not self._pause_covered()
+
+    def _pause_long_enough(self) -> bool:
+        return self._quiet_since is not None and self._total - self._quiet_since >= self._samples(PAUSE_MS)
+
+    def _announce_pause(self) -> None:
+        """Send the latest decode once as this pause's transcript (at_pause), if asked for."""
+        generation, end, decoded = self._latest
+        if self._announced_pause == self._quiet_since:
+            return
+        self._announced_pause = self._quiet_since
+        if self._config.pause_transcripts and decoded.text:
+            self._emit_interim(decoded, self._turn_id, (self._ms(self._utterance_start), self._ms(end)), at_pause=True)
+
+    def _pause_covered(self) -> bool:
+        """A finished decode already covers everything up to the current pause."""
+        latest = self._latest
+        return bool(self._quiet_since is not None and latest and latest[0] == self._generation and latest[1] >= self._quiet_since)
+
+    def _reusable_decode(self) -> "_Decoded | asyncio.Task | None":
+        """A decode of this utterance that ends inside the current pause: nothing after it is speech."""
+        if self._utterance_start is None or self._quiet_since is None:
+            return None
+        latest = self._latest
+        if latest and latest[0] == self._generation and latest[1] >= self._quiet_since:
+            return latest[2]
+        if self._interim_task is not None and self._interim_generation == self._generation and self._interim_end >= self._quiet_since:
+            return self._interim_task
+        return None
+
+    async def turn_start(self, turn_id: str, audio_offset_ms: int) -> None:
+        if self._closed:
+            return
+        self._generation += 1  # replaces an utterance that was never finalized
+        self._utterance_start = max(0, self._samples(audio_offset_ms))
+        self._turn_id = turn_id
+        self._peak_rms, self._quiet_since = 0.0, None
+        self._previous_words = []
+        self._next_interim_at = self._utterance_start + self._samples(INTERIM_EVERY_MS)
+
+    async def finalize(self) -> None:
+        if self._closed:
+            return
+        end = self._total
+        reusable = self._reusable_decode()
+        if self._utterance_start is not None:
+            start_ms = self._ms(self._utterance_start)
+            audio_start_ms, audio = self._audio(self._utterance_start - self._samples(PREROLL_MS), end)
+        else:
+            audio_start_ms, audio = self._audio(self._segment_start, end)
+            start_ms = audio_start_ms
+        self._generation += 1
+        self._utterance_start, turn_id, self._turn_id = None, self._turn_id, ""
+        self._segment_start = end
+        self._previous_words = []
+        self._pending_finals += 1
+        self._final_task = asyncio.create_task(
+            self._run_final(self._final_task, audio, audio_start_ms, turn_id, start_ms, self._ms(end), reusable)
+        )
+
+    async def results(self) -> AsyncIterator[SttResult]:
+        while (item := await self._queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._generation += 1  # an interim still decoding is dropped
+        if self._final_task is not None:
+            await self._final_task  # pending finals still come out
+        self._queue.put_nowait(_END)
+
+    def _audio(self, start: int, end: int) -> tuple[int, np.ndarray]:
+        """Stream samples [start, end), clipped to what the ring holds and to one decode:
+        (where the audio really starts, in stream ms; float32 audio at 16 kHz)."""
+        start = max(start, self._ring_start, end - self._samples(MAX_DECODE_MS))
+        lo, hi = 2 * (start - self._ring_start), 2 * max(0, end - self._ring_start)
+        audio = np.frombuffer(bytes(self._ring[lo:hi]), dtype="<i2").astype(np.float32) / 32768.0
+        if self._rate != WHISPER_RATE_HZ:
+            audio = soxr.resample(audio, self._rate, WHISPER_RATE_HZ).astype(np.float32)
+        return self._ms(start), audio
+
+    def _start_interim(self) -> None:
+        self._next_interim_at = self._total + self._samples(INTERIM_EVERY_MS)
+        _, audio = self._audio(self._utterance_start - self._samples(PREROLL_MS), self._total)
+        span = (self._ms(self._utterance_start), self._ms(self._total))
+        self._interim_end, self._interim_generation = self._total, self._generation
+        audio_start_ms = self._ms(self._utterance_start - self._samples(PREROLL_MS))
+        self._interim_task = asyncio.create_task(
+            self._run_interim(self._generation, self._turn_id, audio, span, audio_start_ms)
+        )
+
+    async def _run_interim(
+        self, generation: int, turn_id: str, audio: np.ndarray, span: tuple[int, int], audio_start_ms: int,
+    ) -> "_Decoded | None":
+        try:
+            # Same settings as a final, so a decode made in a pause can become the final.
+            decoded = await self._provider.decode_async(
+                audio, self._language, self._provider.word_timestamps, max(0, audio_start_ms)
+            )
+        except Exception:  # an interim is disposable; the final reports decode errors
+            log.exception("whisper interim decode failed")
+            return None
+        finally:
+            self._interim_task = None
+        self._latest = (generation, self._samples(span[1]), decoded)
+        if generation != self._generation or not decoded.text:
+            return decoded  # finalized or replaced meanwhile, or nothing heard yet
+        if self._pause_covered() and self._pause_long_enough():
+            self._announce_pause()
+        elif self._config.interim_results:
+            self._emit_interim(decoded, turn_id, span, at_pause=False)
+        return decoded
+
+    def _emit_interim(self, decoded: "_Decoded", turn_id: str, span: tuple[int, int], at_pause: bool) -> None:
+        words = _word_keys(decoded.text)
+        stability, self._previous_words = _stability(self._previous_words, words), words
+        self._queue.put_nowait(SttTranscript(
+            text=decoded.text, is_final=False, stability=stability, confidence=decoded.confidence,
+            language=self._language, start_ms=span[0], end_ms=span[1], turn_id=turn_id, at_pause=at_pause,
+        ))
+
+    async def _run_final(
+        self, previous: asyncio.Task | None, audio: np.ndarray, audio_start_ms: int,
+        turn_id: str, start_ms: int, end_ms: int, reusable: "_Decoded | asyncio.Task | None" = None,
+    ) -> None:
+        try:
+            if previous is not None:
+                await previous
+            if isinstance(reusable, asyncio.Task):
+                reusable = await reusable
+            if reusable is None and self._interim_task is not None:  # one decode in flight at a time
+                await asyncio.wait([self._interim_task])
+            started = time.perf_counter()
+            if reusable is not None:  # decoded during the pause: only silence came after it
+                decoded = reusable
+            else:
+                # Word times come relative to the decoded audio, which starts at the pre-roll.
+                decoded = await self._provider.decode_async(
+                    audio, self._language, self._provider.word_timestamps, audio_start_ms
+                )
+            log.debug("whisper final: %.0f ms for %.2f s of audio",
+                      (time.perf_counter() - started) * 1000, len(audio) / WHISPER_RATE_HZ)
+            self._queue.put_nowait(SttTranscript(
+                text=decoded.text, is_final=True, stability=1.0, confidence=decoded.confidence,
+                language=self._language, start_ms=start_ms, end_ms=end_ms, words=decoded.words, turn_id=turn_id,
+            ))
+            self._queue.put_nowait(SttEndOfUtterance(offset_ms=end_ms, turn_id=turn_id))
+        except Exception as exc:  # surfaces from results(), so the service can fail the stream
+            log.exception("whisper final decode failed")
+            self._queue.put_nowait(exc)
+        finally:
+            self._pending_finals -= 1
