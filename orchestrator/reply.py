@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from voicemesh.orchestrator.clients import ServiceClients
 from voicemesh.orchestrator.playout import Playout
+from voicemesh.orchestrator.tracing import metrics
+from voicemesh.runtime import telemetry
 from voicemesh.runtime.sentences import SentenceAggregator
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, tts_pb2
 
@@ -31,6 +33,8 @@ class Turn:
     ended: bool = False
     llm_usage: tuple[int, int] = (0, 0)
     speculation: "Speculation | None" = None  # a reply started at a pause, not yet confirmed
+    span: object = None  # the turn's span (opentelemetry Span)
+    finalize_sent_at: float | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -66,6 +70,7 @@ class BotReply:
         output_format: common_pb2.AudioFormat,
         bytes_per_second: int,
         emit,
+        speculative: bool = False,
     ):
         self.clients = clients
         self.playout = playout
@@ -74,11 +79,17 @@ class BotReply:
         self.output_format = output_format
         self.bytes_per_second = bytes_per_second
         self.emit = emit  # sends a ConverseResponse to the caller now
+        self.speculative = speculative
+        self._llm_started = 0.0
+        self._tts_text_sent_at: float | None = None
 
     async def run(self, messages: list[llm_pb2.ChatMessage]) -> None:
         session_id = self.config.session_id
-        tts_call = self.clients.tts.Synthesize()
-        llm_call = self.clients.llm.Generate()
+        # Per-turn calls carry the turn's trace context, so their service spans join the turn.
+        metadata = telemetry.metadata_for(self.turn.span) + (("voicemesh-speculative", "1" if self.speculative else "0"),)
+        tts_call = self.clients.tts.Synthesize(metadata=metadata)
+        llm_call = self.clients.llm.Generate(metadata=metadata)
+        self._llm_started = time.monotonic()
         try:
             await tts_call.write(
                 tts_pb2.SynthesizeRequest(
@@ -109,11 +120,16 @@ class BotReply:
     async def _write_sentences(self, llm_call, tts_call) -> None:
         aggregator = SentenceAggregator()
         segment_id = 0
+        first_delta = True
         async for response in llm_call:
             kind = response.WhichOneof("response")
+            if kind == "delta" and first_delta:
+                first_delta = False
+                metrics().ttfb.record((time.monotonic() - self._llm_started) * 1000, {"service": "llm"})
             if kind == "delta":
                 for sentence in aggregator.push(response.delta.text):
                     segment_id += 1
+                    self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
                     await tts_call.write(_piece(segment_id, sentence))
             elif kind == "done":
                 usage = response.done.usage
@@ -121,6 +137,7 @@ class BotReply:
         rest = aggregator.flush()
         if rest.strip():
             segment_id += 1
+            self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
             await tts_call.write(_piece(segment_id, rest))
         await tts_call.done_writing()
 
@@ -130,12 +147,16 @@ class BotReply:
         number = self.turn.number
         async for response in tts_call:
             if response.HasField("audio"):
+                received = time.perf_counter()
+                if seq == 0 and self._tts_text_sent_at is not None:
+                    metrics().ttfb.record((time.monotonic() - self._tts_text_sent_at) * 1000, {"service": "tts"})
                 chunk = response.audio.chunk
                 message = pb.ConverseResponse(
                     audio=pb.BotAudio(chunk=common_pb2.AudioChunk(data=chunk.data, seq=seq, offset_ms=chunk.offset_ms), turn_number=number)
                 )
                 seq += 1
                 self.playout.audio(message, len(chunk.data) / self.bytes_per_second, number)
+                metrics().hop.record((time.perf_counter() - received) * 1000, {"direction": "outbound"})
             elif response.HasField("segment_done") and response.segment_done.spoken_text:
                 text = response.segment_done.spoken_text
                 self.playout.marker(lambda text=text: self._spoken(text))

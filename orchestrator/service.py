@@ -41,7 +41,7 @@ class OrchestratorServicer(ServicerBase, orchestrator_pb2_grpc.OrchestratorServi
         async with stream_guard(context, "Converse"):
             self.require_ready()
             config = await first_message(request_iterator, "config", "Converse")
-            session = Session(config, self.clients)
+            session = Session(config, self.clients, context.invocation_metadata())
             runner = asyncio.create_task(session.run(request_iterator))
             self.active_sessions += 1
             log.info("session started", extra={"session_id": session.session_id, "metadata": dict(config.metadata)})

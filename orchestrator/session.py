@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import sys
 import logging
 import time
 import uuid
@@ -18,6 +19,8 @@ import numpy as np
 from voicemesh.orchestrator.clients import ServiceClients
 from voicemesh.orchestrator.playout import HeldPlayout, Playout
 from voicemesh.orchestrator.reply import BotReply, Speculation, Turn, same_words
+from voicemesh.orchestrator.tracing import SessionTracing, metrics
+from voicemesh.runtime import telemetry
 from voicemesh.runtime.audio import InboundAudio, OutboundAudio, validate_format
 from voicemesh.runtime.errors import FailedPrecondition, InvalidInput
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, stt_pb2, vad_pb2
@@ -43,7 +46,7 @@ def session_formats(config: pb.SessionConfig) -> tuple[common_pb2.AudioFormat, c
 
 
 class Session:
-    def __init__(self, config: pb.SessionConfig, clients: ServiceClients):
+    def __init__(self, config: pb.SessionConfig, clients: ServiceClients, client_metadata=()):
         self.config = pb.SessionConfig()
         self.config.CopyFrom(config)
         self.config.session_id = config.session_id or uuid.uuid4().hex
@@ -67,6 +70,7 @@ class Session:
         self._forwarded = 0  # samples sent to VAD/STT so far
         self._arrivals: list[tuple[int, float]] = []  # (end offset in samples, arrival time)
         self._final_timer: asyncio.TimerHandle | None = None
+        self.tracing = SessionTracing(self.session_id, client_metadata, dict(config.metadata))
         self.user_speaking = False
         self.pending_finals = 0  # finalize requests whose end of utterance has not come back
 
@@ -104,6 +108,7 @@ class Session:
         except grpc.aio.AioRpcError as err:
             source = self._source_of(err)
             log.warning("session %s: %s failed: %s", self.session_id, source, err.details())
+            self.tracing.error(err.code().name, source)
             self.emit(pb.ConverseResponse(error=common_pb2.Error(
                 code=err.code().name, message=f"{source} service: {err.details()}", fatal=True, source=source)))
             reason = pb.SessionEnded.REASON_ERROR
@@ -118,6 +123,12 @@ class Session:
             self.stt_call.cancel()
             if self._final_timer:
                 self._final_timer.cancel()
+            failure = sys.exc_info()[0]
+            if failure is not None:  # bad input (the caller gets the status) or the call went away
+                self.tracing.end("REASON_CANCELLED" if issubclass(failure, asyncio.CancelledError) else "REASON_ERROR")
+        if self.turn is not None and not self.turn.ended:
+            self.tracing.end_turn(self.turn.span, time.monotonic() - self.turn.started_at, self.turn.replying, self.turn.latency_ms)
+        self.tracing.end(pb.SessionEnded.Reason.Name(reason))
         self.emit(pb.ConverseResponse(session_ended=pb.SessionEnded(reason=reason)))
         self.events.put_nowait(None)
 
@@ -154,7 +165,9 @@ class Session:
             if self.ending and kind in ("audio", "text"):
                 raise FailedPrecondition(f"Converse: {kind} sent after end; the session is ending, open a new one")
             if kind == "audio":
+                received = time.perf_counter()
                 await self._forward_audio(self.inbound.convert(request.audio.data))
+                metrics().hop.record((time.perf_counter() - received) * 1000, {"direction": "inbound"})
             elif kind == "text":
                 if not request.text.text.strip():
                     raise InvalidInput("Converse: text input is empty")
@@ -202,11 +215,12 @@ class Session:
         return self._arrivals[index][1]
 
     # ---- turns -----------------------------------------------------------------------
-    def _new_turn(self) -> Turn:
+    def _new_turn(self, started_at: float) -> Turn:
         self._interrupt()
         self.pending_finals = 0
         self.turn_count += 1
-        turn = Turn(number=self.turn_count, turn_id=f"{self.session_id}-{self.turn_count}")
+        turn = Turn(number=self.turn_count, turn_id=f"{self.session_id}-{self.turn_count}", started_at=started_at)
+        turn.span = self.tracing.start_turn(turn.number, turn.turn_id, started_at)
         self.turn = turn
         self.emit(pb.ConverseResponse(turn_started=pb.TurnStarted(turn_number=turn.number, turn_id=turn.turn_id)))
         return turn
@@ -233,9 +247,10 @@ class Session:
             if turn.first_audio_at is not None:
                 self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_BOT_STOPPED, turn_number=turn.number)))
         self.playout.reset_clock()
+        duration = time.monotonic() - turn.started_at
+        self.tracing.end_turn(turn.span, duration, interrupted, turn.latency_ms)
         self.emit(pb.ConverseResponse(turn_ended=pb.TurnEnded(
-            turn_number=turn.number, duration_seconds=time.monotonic() - turn.started_at,
-            interrupted=interrupted, latency_ms=turn.latency_ms)))
+            turn_number=turn.number, duration_seconds=duration, interrupted=interrupted, latency_ms=turn.latency_ms)))
 
     def _bot_started(self, turn_number: int) -> None:
         turn = self.turn
@@ -244,7 +259,7 @@ class Session:
             self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_BOT_STARTED, turn_number=turn_number)))
 
     def _text_turn(self, text: str) -> None:
-        turn = self._new_turn()
+        turn = self._new_turn(time.monotonic())
         turn.user_end_at = time.monotonic()
         self.emit(pb.ConverseResponse(user_transcript=pb.UserTranscript(text=text, is_final=True, turn_number=turn.number, confidence=1.0)))
         turn.user_text = text
@@ -283,7 +298,8 @@ class Session:
         self._drop_speculation(turn)
         log.debug("turn %s: speculative reply on %r", turn.turn_id, text)
         held = HeldPlayout(self.playout)
-        reply = BotReply(self.clients, held, turn, self.config, self.output_format, self.bytes_per_second, self.emit)
+        reply = BotReply(self.clients, held, turn, self.config, self.output_format, self.bytes_per_second, self.emit,
+                         speculative=True)
         messages = [*self.history, llm_pb2.ChatMessage(role="user", content=text)]
         turn.speculation = Speculation(text, held, asyncio.ensure_future(self._run_reply(reply, turn, messages, held)))
 
@@ -324,15 +340,18 @@ class Session:
         self.user_speaking = True
         turn = self.turn
         if turn is None or turn.ended or turn.replying:
-            turn = self._new_turn()  # interrupts a reply in progress (barge-in)
+            turn = self._new_turn(self._arrival_time(offset_ms))  # interrupts a reply in progress (barge-in)
         else:  # the user resumed before the turn was released: same turn, words still coming
             self._drop_speculation(turn)
             if self._final_timer:
                 self._final_timer.cancel()
                 self._final_timer = None
         self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STARTED, turn_number=turn.number, offset_ms=offset_ms)))
-        await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=common_pb2.TurnContext(
-            turn_id=turn.turn_id, turn_number=turn.number, audio_offset_ms=offset_ms)))
+        traceparent, tracestate = telemetry.traceparent_of(turn.span)
+        context = common_pb2.TurnContext(turn_id=turn.turn_id, turn_number=turn.number, audio_offset_ms=offset_ms,
+                                         trace=common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate))
+        await self.vad_call.write(vad_pb2.DetectRequest(turn=context))  # its speech segment span joins the turn
+        await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=context))
 
     async def _user_stopped(self, offset_ms: int) -> None:
         self.user_speaking = False
@@ -342,6 +361,7 @@ class Session:
         turn.user_end_at = self._arrival_time(offset_ms)
         self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STOPPED, turn_number=turn.number, offset_ms=offset_ms)))
         self.pending_finals += 1
+        turn.finalize_sent_at = time.monotonic()
         await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=turn.turn_id)))
         # Bounded wait for the final transcript: release the turn with what we have.
         if self._final_timer:
@@ -358,6 +378,8 @@ class Session:
                 if transcript.at_pause and not transcript.is_final:
                     self._speculate(turn, f"{turn.user_text} {transcript.text}".strip())
                 if transcript.is_final:
+                    if turn.finalize_sent_at is not None:
+                        metrics().ttfb.record((time.monotonic() - turn.finalize_sent_at) * 1000, {"service": "stt"})
                     turn.user_text = f"{turn.user_text} {transcript.text}".strip()
                     confidence = transcript.confidence
                 elif not self.config.interim_transcripts:

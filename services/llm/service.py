@@ -4,8 +4,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from voicemesh.llm.providers.base import (
     ChatTurn,
@@ -16,6 +19,7 @@ from voicemesh.llm.providers.base import (
     ToolCallRequest,
     ToolSpec,
 )
+from voicemesh.runtime import telemetry
 from voicemesh.runtime.errors import FailedPrecondition, InvalidInput, first_message, stream_guard
 from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.v1 import llm_pb2, llm_pb2_grpc
@@ -79,46 +83,70 @@ class LlmServicer(ServicerBase, llm_pb2_grpc.LlmServiceServicer):
             self.require_ready()
             chat = await first_message(request_iterator, "chat", "Generate")
             messages, tools, params = parse_chat(chat)
-            input_tokens = output_tokens = 0
-            declared = {tool.name for tool in tools}
-            for _ in range(MAX_TOOL_ROUNDS):
-                calls: list[ToolCallRequest] = []
-                invented: list[ToolCallRequest] = []
-                text = []
-                finish = "stop"
-                # Cancelling this call cancels the provider's stream, which stops generation.
-                async with contextlib.aclosing(self.provider.stream(messages, tools, params)) as events:
-                    async for event in events:
-                        if isinstance(event, TextDelta):
-                            text.append(event.text)
-                            yield llm_pb2.GenerateResponse(delta=llm_pb2.TextDelta(text=event.text))
-                        elif isinstance(event, ToolCallRequest) and event.name not in declared:
-                            invented.append(event)  # small models invent tools; never ask the caller
-                        elif isinstance(event, ToolCallRequest):
-                            calls.append(event)
-                            yield llm_pb2.GenerateResponse(
-                                tool_call=llm_pb2.ToolCall(id=event.id, name=event.name, arguments_json=json.dumps(event.arguments))
-                            )
-                        elif isinstance(event, RoundEnd):
-                            finish = event.finish_reason
-                            input_tokens += event.input_tokens
-                            output_tokens += event.output_tokens
-                if invented and not calls:
-                    messages.append(ChatTurn("assistant", "".join(text), invented))
-                    messages.extend(_unknown_tool_results(invented, declared))
-                    continue
-                if not calls:
-                    usage = llm_pb2.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
-                    yield llm_pb2.GenerateResponse(
-                        done=llm_pb2.Done(finish_reason=_FINISH.get(finish, llm_pb2.FINISH_REASON_STOP), usage=usage)
-                    )
-                    return
+            metadata = context.invocation_metadata()
+            info = self.provider.info()
+            user_text = next((m.content for m in reversed(messages) if m.role == "user"), "")
+            attributes = {
+                "gen_ai.system": info.provider, "gen_ai.request.model": info.model, "gen_ai.operation.name": "chat",
+                "tools.count": len(tools), "input": telemetry.content(user_text), "session.id": chat.session_id,
+                "turn.id": chat.turn_id, "speculative": telemetry.is_speculative(metadata),
+            }
+            with telemetry.service_span("llm", telemetry.context_from_metadata(metadata), attributes) as span:
+                async for response in self._rounds(request_iterator, messages, tools, params, span):
+                    yield response
+
+    async def _rounds(self, request_iterator, messages, tools, params, span):
+        """Generation rounds: each tool round trip with the caller starts another round."""
+        started = time.monotonic()
+        input_tokens = output_tokens = 0
+        declared = {tool.name for tool in tools}
+        reply: list[str] = []
+        for _ in range(MAX_TOOL_ROUNDS):
+            calls: list[ToolCallRequest] = []
+            invented: list[ToolCallRequest] = []
+            text = []
+            finish = "stop"
+            # Cancelling this call cancels the provider's stream, which stops generation.
+            async with contextlib.aclosing(self.provider.stream(messages, tools, params)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        if not reply and not text:
+                            span.set_attribute("metrics.ttfb", time.monotonic() - started)
+                        text.append(event.text)
+                        yield llm_pb2.GenerateResponse(delta=llm_pb2.TextDelta(text=event.text))
+                    elif isinstance(event, ToolCallRequest) and event.name not in declared:
+                        invented.append(event)  # small models invent tools; never ask the caller
+                    elif isinstance(event, ToolCallRequest):
+                        calls.append(event)
+                        yield llm_pb2.GenerateResponse(
+                            tool_call=llm_pb2.ToolCall(id=event.id, name=event.name, arguments_json=json.dumps(event.arguments))
+                        )
+                    elif isinstance(event, RoundEnd):
+                        finish = event.finish_reason
+                        input_tokens += event.input_tokens
+                        output_tokens += event.output_tokens
+            reply.extend(text)
+            telemetry.set_attributes(span, {
+                "output": telemetry.content("".join(reply)),
+                "gen_ai.usage.input_tokens": input_tokens, "gen_ai.usage.output_tokens": output_tokens,
+            })
+            if invented and not calls:
+                messages.append(ChatTurn("assistant", "".join(text), invented))
+                messages.extend(_unknown_tool_results(invented, declared))
+                continue
+            if not calls:
+                usage = llm_pb2.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+                span.set_attribute("gen_ai.response.finish_reasons", [finish])
                 yield llm_pb2.GenerateResponse(
-                    awaiting_tool_results=llm_pb2.AwaitingToolResults(tool_call_ids=[call.id for call in calls])
+                    done=llm_pb2.Done(finish_reason=_FINISH.get(finish, llm_pb2.FINISH_REASON_STOP), usage=usage)
                 )
-                messages.append(ChatTurn("assistant", "".join(text), calls))
-                messages.extend(await _collect_tool_results(request_iterator, calls))
-            raise FailedPrecondition(f"Generate: the model asked for tools more than {MAX_TOOL_ROUNDS} times in one turn")
+                return
+            yield llm_pb2.GenerateResponse(
+                awaiting_tool_results=llm_pb2.AwaitingToolResults(tool_call_ids=[call.id for call in calls])
+            )
+            messages.append(ChatTurn("assistant", "".join(text), calls))
+            messages.extend(await _collect_tool_results(request_iterator, calls, span))
+        raise FailedPrecondition(f"Generate: the model asked for tools more than {MAX_TOOL_ROUNDS} times in one turn")
 
     async def Info(self, request, context):
         return llm_pb2.LlmServiceInfoResponse(info=self.service_info())
@@ -133,21 +161,43 @@ def _unknown_tool_results(calls: list[ToolCallRequest], declared: set[str]) -> l
     ]
 
 
-async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest]) -> list[ChatTurn]:
-    """Wait for one result per call (any order); return them in call order."""
+async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest], llm_span) -> list[ChatTurn]:
+    """Wait for one result per call (any order); return them in call order.
+
+    Each call gets an `llm_tool_call` span, child of the `llm` span, from the moment it was
+    sent to the moment its result came back."""
+    parent = trace.set_span_in_context(llm_span)
+    spans = {}
+    for call in calls:
+        spans[call.id] = telemetry.tracer().start_span("llm_tool_call", context=parent)
+        telemetry.set_attributes(spans[call.id], {
+            "tool.name": call.name, "tool.call_id": call.id, "tool.arguments": telemetry.content(json.dumps(call.arguments)),
+        })
     results: dict[str, ChatTurn] = {}
     expected = {call.id for call in calls}
-    async for request in request_iterator:
-        if request.WhichOneof("request") != "tool_result":
-            raise InvalidInput("Generate: only tool_result messages may follow the chat request")
-        result = request.tool_result
-        if result.tool_call_id not in expected:
-            raise InvalidInput(f"Generate: tool_result for unknown call id {result.tool_call_id!r}; expected one of {sorted(expected)}")
-        content = result.content if not result.is_error else json.dumps({"error": result.content})
-        results[result.tool_call_id] = ChatTurn("tool", content, tool_call_id=result.tool_call_id)
-        if len(results) == len(expected):
-            return [results[call.id] for call in calls]
-    raise FailedPrecondition(f"Generate: the request stream ended while {len(expected) - len(results)} tool result(s) were pending")
+    try:
+        async for request in request_iterator:
+            if request.WhichOneof("request") != "tool_result":
+                raise InvalidInput("Generate: only tool_result messages may follow the chat request")
+            result = request.tool_result
+            if result.tool_call_id not in expected:
+                raise InvalidInput(f"Generate: tool_result for unknown call id {result.tool_call_id!r}; expected one of {sorted(expected)}")
+            content = result.content if not result.is_error else json.dumps({"error": result.content})
+            results[result.tool_call_id] = ChatTurn("tool", content, tool_call_id=result.tool_call_id)
+            span = spans.pop(result.tool_call_id, None)
+            if span is not None:
+                telemetry.set_attributes(span, {"tool.result": telemetry.content(result.content),
+                                                "tool.status": "error" if result.is_error else "success"})
+                if result.is_error:
+                    span.set_status(Status(StatusCode.ERROR, "the tool reported an error"))
+                span.end()
+            if len(results) == len(expected):
+                return [results[call.id] for call in calls]
+        raise FailedPrecondition(f"Generate: the request stream ended while {len(expected) - len(results)} tool result(s) were pending")
+    finally:
+        for span in spans.values():  # no result came back (cancelled or failed)
+            span.set_attribute("tool.status", "cancelled")
+            span.end()
 
 
 DEFINITION = provider_service("llm", LlmServicer, llm_pb2, "LlmService", PROVIDERS)

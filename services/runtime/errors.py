@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from voicemesh.runtime import telemetry
+
 log = logging.getLogger("voicemesh.errors")
 
 
@@ -36,19 +38,44 @@ class Unavailable(StreamError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class _StreamMetrics:
+    """Open streams (a gauge for autoscaling) and errors by status code, per process."""
+
+    def __init__(self) -> None:
+        meter = telemetry.meter()
+        self.active = meter.create_up_down_counter("voicemesh.streams.active", description="Open streams")
+        self.errors = meter.create_counter("voicemesh.errors", description="Streams ended with an error, by status code")
+
+
+_metrics: _StreamMetrics | None = None
+
+
+def _stream_metrics() -> _StreamMetrics:
+    global _metrics
+    if _metrics is None:  # created lazily: the meter provider is installed at startup
+        _metrics = _StreamMetrics()
+    return _metrics
+
+
 @contextlib.asynccontextmanager
 async def stream_guard(context: grpc.aio.ServicerContext, what: str) -> AsyncIterator[None]:
     """Map StreamError to its status; log anything unexpected as INTERNAL without a traceback to the peer."""
+    counters = _stream_metrics()
+    counters.active.add(1, {"rpc": what})
     try:
         yield
     except StreamError as err:
         log.info("%s rejected: %s %s", what, err.code.name, err.message)
+        counters.errors.add(1, {"rpc": what, "code": err.code.name})
         await context.abort(err.code, err.message)
     except grpc.aio.AbortError:
         raise
     except Exception:  # noqa: BLE001 - last line of defence for one stream
         log.exception("%s failed", what)
+        counters.errors.add(1, {"rpc": what, "code": "INTERNAL"})
         await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed inside the server; see its logs")
+    finally:
+        counters.active.add(-1, {"rpc": what})
 
 
 async def first_message(request_iterator, config_field: str, rpc: str):

@@ -21,6 +21,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from voicemesh.runtime import telemetry
 from voicemesh.runtime.config import ServeSettings, grpc_server_options
 from voicemesh.runtime.errors import Unavailable
 from voicemesh.runtime.logs import setup_logging
@@ -110,6 +111,8 @@ async def serve_async(definition: ServiceDefinition, settings: ServeSettings) ->
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     servicer = definition.build(settings)
+    info = servicer.provider_info()
+    telemetry.setup(definition.kind, {"voicemesh.provider": info.provider, "voicemesh.model": info.model, "service.version": VERSION})
     definition.register(servicer, server)
     reflection.enable_server_reflection(
         (definition.service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -150,6 +153,7 @@ async def serve_async(definition: ServiceDefinition, settings: ServeSettings) ->
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_seconds)
     await servicer.shutdown()
+    telemetry.shutdown()  # spans and metrics of the drained streams leave before the exit
     log.info("stopped")
     return exit_code
 

@@ -1,13 +1,16 @@
 """The STT service: a thin servicer over one SttProvider stream per call."""
 from __future__ import annotations
 
+import time
+
 import grpc
 
+from voicemesh.runtime import telemetry
 from voicemesh.runtime.audio import InboundAudio
 from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
 from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.runtime.streams import with_reader
-from voicemesh.stt.providers.base import SttEndOfUtterance, SttProvider, SttStream, SttStreamConfig
+from voicemesh.stt.providers.base import SttEndOfUtterance, SttProvider, SttStream, SttStreamConfig, SttTranscript
 from voicemesh.v1 import stt_pb2, stt_pb2_grpc
 
 PROVIDERS = {"whisper": "voicemesh.stt.providers.whisper:WhisperSttProvider"}
@@ -29,17 +32,57 @@ class SttServicer(ServicerBase, stt_pb2_grpc.SttServiceServicer):
                     interim_results=config.interim_results, pause_transcripts=config.pause_transcripts,
                 )
             )
+            spans = _TurnSpans(config.language or self.provider_info().details.get("language", ""))
             try:
-                async for result in with_reader(_feed(request_iterator, inbound, stream), stream.results()):
+                async for result in with_reader(_feed(request_iterator, inbound, stream, spans), stream.results()):
+                    spans.result(result)
                     yield _to_response(result)
             finally:
+                spans.close()
                 await stream.close()
 
     async def Info(self, request, context):
         return stt_pb2.SttServiceInfoResponse(info=self.service_info(input_rates=(0,)))
 
 
-async def _feed(request_iterator, inbound: InboundAudio, stream: SttStream) -> None:
+class _TurnSpans:
+    """One `stt` span per turn on a session-long stream, parented by the turn's TurnContext:
+    from the turn's start to its final transcript."""
+
+    def __init__(self, language: str):
+        self.language = language
+        self.open: dict[str, tuple[object, list[float]]] = {}  # turn id -> (span, [finalize time])
+
+    def turn_start(self, context) -> None:
+        if context.turn_id in self.open or not context.trace.traceparent:
+            return  # the user resumed within the same turn: one span covers it
+        parent = telemetry.context_from_traceparent(context.trace.traceparent, context.trace.tracestate)
+        span = telemetry.tracer().start_span("stt", context=parent, attributes={"turn.id": context.turn_id})
+        self.open[context.turn_id] = (span, [])
+
+    def finalize(self, turn_id: str) -> None:
+        if turn_id in self.open:
+            self.open[turn_id][1].append(time.monotonic())
+
+    def result(self, result) -> None:
+        if not (isinstance(result, SttTranscript) and result.is_final) or result.turn_id not in self.open:
+            return
+        span, finalized = self.open.pop(result.turn_id)
+        ttfb = time.monotonic() - finalized[-1] if finalized else None
+        telemetry.set_attributes(span, {
+            "transcript": telemetry.content(result.text), "is_final": True, "confidence": result.confidence,
+            "language": result.language or self.language, "metrics.ttfb": ttfb,
+        })
+        span.end()
+
+    def close(self) -> None:
+        for span, _ in self.open.values():
+            span.set_attribute("cancelled", True)
+            span.end()
+        self.open.clear()
+
+
+async def _feed(request_iterator, inbound: InboundAudio, stream: SttStream, spans: _TurnSpans) -> None:
     """Route requests to the provider stream; the end of the requests closes recognition."""
     async for request in request_iterator:
         kind = request.WhichOneof("request")
@@ -48,8 +91,10 @@ async def _feed(request_iterator, inbound: InboundAudio, stream: SttStream) -> N
             if samples.size:
                 await stream.push_audio(samples.tobytes())
         elif kind == "turn_start":
+            spans.turn_start(request.turn_start)
             await stream.turn_start(request.turn_start.turn_id, request.turn_start.audio_offset_ms)
         elif kind == "finalize":
+            spans.finalize(request.finalize.turn_id)
             await stream.finalize()
         elif kind == "config":
             raise InvalidInput("Recognize: config may only be sent once, as the first message")

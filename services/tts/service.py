@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict
 
 import grpc
 import numpy as np
 
+from voicemesh.runtime import telemetry
 from voicemesh.runtime.audio import OutboundAudio, validate_format
 from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
 from voicemesh.runtime.sentences import SentenceAggregator, clean_for_speech
@@ -50,17 +52,32 @@ class TtsServicer(ServicerBase, tts_pb2_grpc.TtsServiceServicer):
                 raise InvalidInput(f"Synthesize: speed {speed} is outside 0.5-2.0")
             work: asyncio.Queue[_Sentence | None] = asyncio.Queue()
             request = SynthesisRequest(text="", voice=voice, language=config.language, speed=speed)
-            async for response in with_reader(_read_text(request_iterator, work), self._speak(work, config.format, request)):
-                yield response
+            metadata = context.invocation_metadata()
+            attributes = {
+                "voice_id": voice or self.provider_info().details.get("voice", ""), "session.id": config.session_id,
+                "turn.id": config.turn_id, "speculative": telemetry.is_speculative(metadata),
+            }
+            with telemetry.service_span("tts", telemetry.context_from_metadata(metadata), attributes) as span:
+                span.set_attribute("interrupted", True)  # until the last segment is done
+                speech = self._speak(work, config.format, request, span)
+                async for response in with_reader(_read_text(request_iterator, work), speech):
+                    yield response
+                span.set_attribute("interrupted", False)
 
-    async def _speak(self, work: asyncio.Queue, wire_format: common_pb2.AudioFormat, base: SynthesisRequest):
+    async def _speak(self, work: asyncio.Queue, wire_format: common_pb2.AudioFormat, base: SynthesisRequest, span):
         clock = _AudioClock()
         spoken: dict[int, list[str]] = {}
+        all_spoken: list[str] = []
+        first_text_at: float | None = None
         while (sentence := await work.get()) is not None:
             text = clean_for_speech(sentence.text)
             segment = sentence.segment_id
             if text:
                 spoken.setdefault(segment, []).append(text)
+                all_spoken.append(text)
+                telemetry.set_attributes(span, {"text": telemetry.content(" ".join(all_spoken)),
+                                                "metrics.character_count": sum(len(t) for t in all_spoken)})
+                first_text_at = first_text_at or time.monotonic()
                 # One resampler per sentence, flushed at its end, so no audio is held back.
                 outbound = OutboundAudio(wire_format, self.provider.sample_rate_hz, "Synthesize")
                 request = SynthesisRequest(text=text, voice=base.voice, language=base.language, speed=base.speed)
@@ -70,6 +87,8 @@ class TtsServicer(ServicerBase, tts_pb2_grpc.TtsServiceServicer):
                     async for pcm in audio:
                         if held is not None and (data := outbound.convert(np.frombuffer(held, dtype="<i2"))):
                             yield clock.chunk(segment, data, outbound.bytes_per_second())
+                        if clock.seq == 0 and held is None:
+                            span.set_attribute("metrics.ttfb", time.monotonic() - first_text_at)
                         held = pcm
                 if held is not None and (data := outbound.convert(np.frombuffer(held, dtype="<i2"), last=True)):
                     yield clock.chunk(segment, data, outbound.bytes_per_second())

@@ -1,9 +1,13 @@
 """The VAD service: a thin servicer over one VadProvider plus the shared segmenter."""
 from __future__ import annotations
 
+import bisect
+import time
+
 import grpc
 import numpy as np
 
+from voicemesh.runtime import telemetry
 from voicemesh.runtime.audio import InboundAudio
 from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
 from voicemesh.runtime.server import ServicerBase, provider_service
@@ -41,17 +45,21 @@ class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
             inbound = InboundAudio(config.format, self.provider.sample_rate_hz, "Detect")
             segmenter = SpeechSegmenter(segmenter_params(config), sample_rate_hz=self.provider.sample_rate_hz)
             stream = self.provider.open_stream()
+            spans = _SegmentSpans(self.provider.sample_rate_hz)
             # The segmenter needs each window's volume; keep the samples not yet scored.
             pending = np.zeros(0, dtype=np.int16)
             pending_start = 0  # stream offset (samples) of pending[0]
             speech_started_ms = 0
             try:
                 async for request in request_iterator:
-                    if request.WhichOneof("request") != "audio":
-                        if request.HasField("config"):
-                            raise InvalidInput("Detect: config may only be sent once, as the first message")
-                        continue  # TurnContext: only used for tracing
+                    kind = request.WhichOneof("request")
+                    if kind == "turn":
+                        spans.turn(request.turn, speech_started_ms)
+                        continue
+                    if kind == "config":
+                        raise InvalidInput("Detect: config may only be sent once, as the first message")
                     samples = inbound.convert(request.audio.data)
+                    spans.arrived(pending_start + len(pending) + len(samples))
                     pending = np.concatenate((pending, samples))
                     for result in await stream.process(samples):
                         end = result.end_offset_samples - pending_start
@@ -59,14 +67,61 @@ class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
                         for event in segmenter.push(result.end_offset_samples, result.probability, window_volume(window)):
                             if event.kind == "started":
                                 speech_started_ms = event.offset_ms
+                            else:
+                                spans.stopped(event.offset_ms, speech_started_ms, event.probability)
                             yield _to_response(event, speech_started_ms)
                         pending = pending[end:]
                         pending_start = result.end_offset_samples
             finally:
+                spans.close()
                 await stream.close()
 
     async def Info(self, request, context):
         return vad_pb2.VadServiceInfoResponse(info=self.service_info(input_rates=(0,)))
+
+
+class _SegmentSpans:
+    """A `vad` span per speech segment, parented by the turn it opened (the orchestrator sends
+    the TurnContext after SpeechStarted). It starts when the segment's first audio arrived
+    here and ends when the segment's end was decided."""
+
+    def __init__(self, rate_hz: int):
+        self.rate_hz = rate_hz
+        self.arrivals: list[tuple[int, int]] = []  # (end offset in samples, wall time ns)
+        self.span = None
+
+    def arrived(self, end_offset: int) -> None:
+        self.arrivals.append((end_offset, time.time_ns()))
+        if len(self.arrivals) > 4000:  # a few minutes is plenty to date a segment's start
+            del self.arrivals[:2000]
+
+    def _arrival_ns(self, offset_ms: int) -> int:
+        sample = offset_ms * self.rate_hz // 1000
+        index = bisect.bisect_left(self.arrivals, (sample, 0))
+        return self.arrivals[index][1] if index < len(self.arrivals) else time.time_ns()
+
+    def turn(self, context, speech_started_ms: int) -> None:
+        if not context.trace.traceparent:
+            return
+        self.close()
+        parent = telemetry.context_from_traceparent(context.trace.traceparent, context.trace.tracestate)
+        self.span = telemetry.tracer().start_span(
+            "vad", context=parent, start_time=self._arrival_ns(speech_started_ms),
+            attributes={"turn.id": context.turn_id, "vad.speech_start_ms": speech_started_ms},
+        )
+
+    def stopped(self, offset_ms: int, started_ms: int, probability: float) -> None:
+        if self.span is not None:
+            self.span.set_attributes({"vad.speech_end_ms": offset_ms, "vad.duration_ms": max(0, offset_ms - started_ms),
+                                      "vad.probability": probability})
+            self.span.end()
+            self.span = None
+
+    def close(self) -> None:
+        if self.span is not None:
+            self.span.set_attribute("cancelled", True)
+            self.span.end()
+            self.span = None
 
 
 def _to_response(event, speech_started_ms: int) -> vad_pb2.DetectResponse:

@@ -14,6 +14,7 @@ SERVICE_MODULES = {
     "llm": "voicemesh.llm.service",
     "tts": "voicemesh.tts.service",
     "orchestrator": "voicemesh.orchestrator.service",
+    "transport": "voicemesh.transport.service",
 }
 
 

@@ -1,0 +1,102 @@
+"""Processes the bench starts: free loopback ports, readiness, CPU pinning, and a stop by pid
+that always runs (SIGTERM, then SIGKILL)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG_DIR = ROOT / "bench" / "results" / "logs"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pinned(argv: list[str], cores: str | None) -> list[str]:
+    """Prefix `taskset -c CORES` when asked and available."""
+    if cores and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", cores, *argv]
+    return argv
+
+
+class Procs:
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: list[str], env: dict | None = None, cores: str | None = None,
+              capture: bool = False) -> subprocess.Popen:
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "VOICEMESH_LOG_LEVEL": "WARNING", **(env or {})}
+        stderr = open(LOG_DIR / f"{name}.log", "wb")
+        proc = subprocess.Popen(pinned(argv, cores), cwd=ROOT, env=full_env, stderr=stderr,
+                                stdout=subprocess.PIPE if capture else stderr)
+        stderr.close()
+        self.procs.append(proc)
+        return proc
+
+    def serve_fakes(self, services: str, port: int, env: dict, cores: str | None) -> subprocess.Popen:
+        proc = self.start(f"fakes-{services.replace(',', '-')}",
+                          [sys.executable, "-m", "bench.fakes", "--port", str(port), "--services", services], env, cores)
+        wait_port(port, proc)
+        return proc
+
+    def serve_orchestrator(self, port: int, env: dict, cores: str | None) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "voicemesh.cli", "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port)]
+        proc = self.start("orchestrator", argv, env, cores)
+        wait_serving(f"127.0.0.1:{port}", proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+        self.procs.clear()
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}; see {LOG_DIR}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listened on port {port} within {timeout} s")
+
+
+def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args} exited with {proc.returncode}; see {LOG_DIR}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} was not SERVING within {timeout} s")

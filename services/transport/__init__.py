@@ -1,0 +1,1 @@
+"""The transport service: browsers (WebRTC, WebSocket) and phone media streams into Converse."""
