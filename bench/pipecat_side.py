@@ -34,6 +34,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import TransportParams
+from pipecat.utils.time import time_now_iso8601
 from pipecat.workers.runner import WorkerRunner
 
 from bench.scenario import (
@@ -102,7 +103,7 @@ class FakeStt(FrameProcessor):
     async def _final(self):
         await asyncio.sleep(LAT.stt_final_ms / 1000)
         self.turn[0] += 1
-        await self.push_frame(TranscriptionFrame("what is the capital of france", "user", time.time()))
+        await self.push_frame(TranscriptionFrame("what is the capital of france", "user", time_now_iso8601()))
 
 
 class FakeLlm(FrameProcessor):

@@ -22,9 +22,9 @@ def silence(seconds: float, rate: int = 16000) -> np.ndarray:
 
 
 class ConverseProbe:
-    def __init__(self, address: str, config: pb.SessionConfig | None = None):
+    def __init__(self, address: str, config: pb.SessionConfig | None = None, metadata=()):
         self.channel = grpc.aio.insecure_channel(address)
-        self.call = orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel).Converse()
+        self.call = orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel).Converse(metadata=metadata or None)
         self.config = config or pb.SessionConfig(input_format=PCM16_16K)
         self.events: list[tuple[float, pb.ConverseResponse]] = []
         self.status: grpc.StatusCode | None = None
