@@ -130,7 +130,7 @@ def test_concurrent_sessions_are_separate_trees(traced):
     assert len(set(ids)) == 2
     trees = [_by_conversation(receiver, session_id) for session_id in ids]
     assert trees[0][0].trace_id != trees[1][0].trace_id
-    for (root, spans), other in zip(trees, reversed(ids), strict=True):
+    for (_root, spans), other in zip(trees, reversed(ids), strict=True):
         turn_ids = {s.attributes.get("turn.id", "") for s in spans}
         assert not any(turn_id.startswith(other) for turn_id in turn_ids)  # nothing of the other session
         assert sum(1 for s in spans if s.name == "turn") == 1
