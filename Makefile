@@ -12,12 +12,13 @@ PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run up test lint gen models apt clean help
+.PHONY: install run up test lint gen models apt browser clean help bench
 
 help:
 	@echo "make run    start the whole mesh locally and chat with it (Ctrl-C stops it)"
 	@echo "make test   run the test suite"
 	@echo "make lint   buf lint the protos, ruff the code"
+	@echo "make bench  benchmarks (15 min on 2 cores): bench/results/latest.{json,md}, plots"
 
 install: $(VENV)/.installed $(GEN)/.stamp .models/.stamp apt
 
@@ -45,11 +46,18 @@ gen: $(GEN)/.stamp
 
 models: .models/.stamp
 
-# Debian packages the tests and the espeak provider need.
+# Debian packages the tests and the espeak provider need (chromium: the browser tests).
 apt:
-	@command -v espeak-ng >/dev/null || { \
+	@command -v espeak-ng >/dev/null && command -v chromium >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng; }
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng chromium; }
+
+# playwright-core (pinned in the lock file) drives Debian's chromium in the browser tests.
+tests/browser/node_modules/.stamp: tests/browser/package.json tests/browser/package-lock.json
+	cd tests/browser && npm ci --no-audit --no-fund
+	touch $@
+
+browser: tests/browser/node_modules/.stamp
 
 run: install
 	$(BIN)/voicemesh up --chat
@@ -57,7 +65,7 @@ run: install
 up: install
 	$(BIN)/voicemesh up
 
-test: install lint
+test: install browser lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # buf lint (STANDARD) on the contract, ruff on the Python.
@@ -65,5 +73,15 @@ lint: $(VENV)/.installed
 	cd protos && ../$(BIN)/buf lint
 	$(BIN)/ruff check .
 
+# The bench's own venv: Pipecat (the in-process anchor), matplotlib, py-spy. Never in .venv.
+BENCH_VENV := bench/.venv-pipecat
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --disable-pip-version-check -q -r bench/requirements.txt
+	touch $@
+
+bench: install $(BENCH_VENV)/.installed
+	$(BIN)/voicemesh bench $(BENCH_ARGS)
+
 clean:
-	rm -rf build .models $(VENV)
+	rm -rf build .models $(VENV) $(BENCH_VENV)

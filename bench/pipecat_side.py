@@ -227,7 +227,7 @@ if __name__ == "__main__":
     parser.add_argument("--lean", action="store_true")
     args = parser.parse_args()
     logger.remove()
-    logger.add(sys.stderr, level="WARNING")  # both sides log warnings only
+    logger.add(sys.stderr, level="ERROR")  # quiet, like the mesh side (its teardown warns of cancelled tasks)
     try:
         import uvloop  # noqa: F401 - Pipecat does not install it; asyncio's loop otherwise
         runner = uvloop.run

@@ -99,13 +99,13 @@ def summarise(stats: list[SessionStats], fakes_total_ms: float, measure_from: fl
     added latency (minus the fakes' own), underruns, errors, and the measuring side's health."""
     latencies, underruns, chunks, missed, errors = [], 0, 0, 0, []
     for session in stats:
-        if session.error:
+        if session.error:  # counted as an error; its later turns are not "missed"
             errors.append(session.error)
         for k, end in enumerate(session.speech_ends, start=1):
             if not measure_from <= end <= measure_to:
                 continue
             if k not in session.first_audio:
-                missed += 1
+                missed += not session.error
                 continue
             latencies.append((session.first_audio[k] - end) * 1000)
             underruns += session.playback[k].underruns

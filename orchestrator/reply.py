@@ -35,6 +35,9 @@ class Turn:
     speculation: "Speculation | None" = None  # a reply started at a pause, not yet confirmed
     span: object = None  # the turn's span (opentelemetry Span)
     finalize_sent_at: float | None = None
+    ttfb_ms: dict[str, float] = field(default_factory=dict)  # per service, for the Metrics event
+    tts_characters: int = 0
+    bot_only: bool = False  # greeting, say or re-prompt: no user input in this turn
 
     @property
     def latency_ms(self) -> float:
@@ -60,53 +63,69 @@ def same_words(a: str, b: str) -> bool:
     return words(a) == words(b)
 
 
+@dataclass
+class ReplyEnv:
+    """What every reply of a session shares."""
+
+    clients: ServiceClients
+    config: pb.SessionConfig
+    output_format: common_pb2.AudioFormat
+    bytes_per_second: int
+    emit: object  # sends a ConverseResponse to the caller now
+    tools: object  # ToolBroker
+    context: object  # ConversationContext
+
+
 class BotReply:
-    def __init__(
-        self,
-        clients: ServiceClients,
-        playout: Playout,
-        turn: Turn,
-        config: pb.SessionConfig,
-        output_format: common_pb2.AudioFormat,
-        bytes_per_second: int,
-        emit,
-        speculative: bool = False,
-    ):
-        self.clients = clients
+    def __init__(self, env: ReplyEnv, playout: Playout, turn: Turn, speculative: bool = False):
+        self.env = env
+        self.clients = env.clients
+        self.config = env.config
+        self.output_format = env.output_format
+        self.bytes_per_second = env.bytes_per_second
+        self.emit = env.emit
         self.playout = playout
         self.turn = turn
-        self.config = config
-        self.output_format = output_format
-        self.bytes_per_second = bytes_per_second
-        self.emit = emit  # sends a ConverseResponse to the caller now
         self.speculative = speculative
         self._llm_started = 0.0
         self._tts_text_sent_at: float | None = None
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        # Per-turn calls carry the turn's trace context, so their service spans join the turn.
+        return telemetry.metadata_for(self.turn.span) + (("voicemesh-speculative", "1" if self.speculative else "0"),)
+
+    async def say(self, text: str) -> None:
+        """Speak fixed text (greeting, say, re-prompt): TTS only."""
+        tts_call = self.clients.tts.Synthesize(metadata=self._metadata())
+        try:
+            await tts_call.write(self._tts_config())
+            self._tts_text_sent_at = time.monotonic()
+            self.turn.tts_characters += len(text)
+            await tts_call.write(_piece(1, text))
+            await tts_call.done_writing()
+            await self._play(tts_call)
+        finally:
+            tts_call.cancel()
+
+    def _tts_config(self) -> tts_pb2.SynthesizeRequest:
+        return tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(
+            voice=self.config.voice, format=self.output_format, language=self.config.language,
+            session_id=self.config.session_id, turn_id=self.turn.turn_id))
+
     async def run(self, messages: list[llm_pb2.ChatMessage]) -> None:
         session_id = self.config.session_id
-        # Per-turn calls carry the turn's trace context, so their service spans join the turn.
-        metadata = telemetry.metadata_for(self.turn.span) + (("voicemesh-speculative", "1" if self.speculative else "0"),)
+        metadata = self._metadata()
         tts_call = self.clients.tts.Synthesize(metadata=metadata)
         llm_call = self.clients.llm.Generate(metadata=metadata)
         self._llm_started = time.monotonic()
         try:
-            await tts_call.write(
-                tts_pb2.SynthesizeRequest(
-                    config=tts_pb2.TtsConfig(
-                        voice=self.config.voice,
-                        format=self.output_format,
-                        language=self.config.language,
-                        session_id=session_id,
-                        turn_id=self.turn.turn_id,
-                    )
-                )
-            )
+            await tts_call.write(self._tts_config())
             chat = llm_pb2.ChatRequest(
-                messages=messages, params=self.config.llm_params, session_id=session_id, turn_id=self.turn.turn_id
+                messages=messages, params=self.config.llm_params, session_id=session_id, turn_id=self.turn.turn_id,
+                tools=self.config.tools.tools,
             )
+            # The request stream stays open: tool results go back on it (see _write_sentences).
             await llm_call.write(llm_pb2.GenerateRequest(chat=chat))
-            await llm_call.done_writing()
             speaker = asyncio.ensure_future(self._play(tts_call))
             try:
                 await self._write_sentences(llm_call, tts_call)
@@ -121,15 +140,23 @@ class BotReply:
         aggregator = SentenceAggregator()
         segment_id = 0
         first_delta = True
+        calls: list[llm_pb2.ToolCall] = []
         async for response in llm_call:
             kind = response.WhichOneof("response")
             if kind == "delta" and first_delta:
                 first_delta = False
-                metrics().ttfb.record((time.monotonic() - self._llm_started) * 1000, {"service": "llm"})
-            if kind == "delta":
+                self.turn.ttfb_ms["llm"] = (time.monotonic() - self._llm_started) * 1000
+                metrics().ttfb.record(self.turn.ttfb_ms["llm"], {"service": "llm"})
+            if kind == "tool_call":
+                calls.append(response.tool_call)
+            elif kind == "awaiting_tool_results":
+                await self._run_tools(llm_call, calls)
+                calls = []
+            elif kind == "delta":
                 for sentence in aggregator.push(response.delta.text):
                     segment_id += 1
                     self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
+                    self.turn.tts_characters += len(sentence)
                     await tts_call.write(_piece(segment_id, sentence))
             elif kind == "done":
                 usage = response.done.usage
@@ -138,8 +165,21 @@ class BotReply:
         if rest.strip():
             segment_id += 1
             self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
+            self.turn.tts_characters += len(rest)
             await tts_call.write(_piece(segment_id, rest))
+        await llm_call.done_writing()
         await tts_call.done_writing()
+
+    async def _run_tools(self, llm_call, calls: list[llm_pb2.ToolCall]) -> None:
+        """The client runs the tools (in parallel); their results go back to the same LLM call."""
+        if self.speculative:  # never ask the client to run tools for a turn that may be dropped
+            await self.playout.released.wait()
+        context = self.env.context
+        context.add_tool_calls(calls)  # with IN_PROGRESS results until the answers come
+        results = await self.env.tools.run(calls, self.turn.number)
+        for result, _ in results:
+            context.set_tool_result(result.tool_call_id, result.content)
+            await llm_call.write(llm_pb2.GenerateRequest(tool_result=result))
 
     async def _play(self, tts_call) -> None:
         """Queue audio and 'spoken' markers for the caller, in order."""
@@ -149,7 +189,8 @@ class BotReply:
             if response.HasField("audio"):
                 received = time.perf_counter()
                 if seq == 0 and self._tts_text_sent_at is not None:
-                    metrics().ttfb.record((time.monotonic() - self._tts_text_sent_at) * 1000, {"service": "tts"})
+                    self.turn.ttfb_ms["tts"] = (time.monotonic() - self._tts_text_sent_at) * 1000
+                    metrics().ttfb.record(self.turn.ttfb_ms["tts"], {"service": "tts"})
                 chunk = response.audio.chunk
                 message = pb.ConverseResponse(
                     audio=pb.BotAudio(chunk=common_pb2.AudioChunk(data=chunk.data, seq=seq, offset_ms=chunk.offset_ms), turn_number=number)

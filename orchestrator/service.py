@@ -43,10 +43,11 @@ class OrchestratorServicer(ServicerBase, orchestrator_pb2_grpc.OrchestratorServi
             config = await first_message(request_iterator, "config", "Converse")
             session = Session(config, self.clients, context.invocation_metadata())
             runner = asyncio.create_task(session.run(request_iterator))
+            runner.add_done_callback(lambda _: session.events.put_nowait(None))  # wakes the reader whatever happened
             self.active_sessions += 1
             log.info("session started", extra={"session_id": session.session_id, "metadata": dict(config.metadata)})
             try:
-                while (event := await _next_event(session, runner)) is not None:
+                while (event := await session.events.get()) is not None:
                     yield event
                 await runner  # re-raises bad input as its status
             finally:
@@ -57,18 +58,6 @@ class OrchestratorServicer(ServicerBase, orchestrator_pb2_grpc.OrchestratorServi
     async def Info(self, request, context):
         services = await self.clients.infos() if self.clients else []
         return pb.OrchestratorServiceInfoResponse(info=self.service_info(), services=services)
-
-
-async def _next_event(session: Session, runner: asyncio.Task):
-    """The next event for the caller; if the session failed on bad input, raise that."""
-    getter = asyncio.ensure_future(session.events.get())
-    done, _ = await asyncio.wait({getter, runner}, return_when=asyncio.FIRST_COMPLETED)
-    if getter in done:
-        return getter.result()
-    getter.cancel()
-    if runner.exception() is not None:
-        raise runner.exception()
-    return session.events.get_nowait() if not session.events.empty() else None
 
 
 def build(settings: ServeSettings) -> OrchestratorServicer:

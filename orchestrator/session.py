@@ -17,21 +17,24 @@ import grpc
 import numpy as np
 
 from voicemesh.orchestrator.clients import ServiceClients
-from voicemesh.orchestrator.playout import HeldPlayout, Playout
-from voicemesh.orchestrator.reply import BotReply, Speculation, Turn, same_words
+from voicemesh.orchestrator.context import ConversationContext
+from voicemesh.orchestrator.playout import Playout
+from voicemesh.orchestrator.policies import MuteState, SessionTimers
+from voicemesh.orchestrator.reply import ReplyEnv
+from voicemesh.orchestrator.tools import ToolBroker
 from voicemesh.orchestrator.tracing import SessionTracing, metrics
-from voicemesh.runtime import telemetry
+from voicemesh.orchestrator.turns import TurnTaking
 from voicemesh.runtime.audio import InboundAudio, OutboundAudio, validate_format
 from voicemesh.runtime.errors import FailedPrecondition, InvalidInput
-from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, stt_pb2, vad_pb2
+from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, stt_pb2, vad_pb2
 
 log = logging.getLogger("voicemesh.session")
 PIPELINE_RATE_HZ = 16000  # the orchestrator feeds VAD and STT PCM16 mono at this rate
 FORWARD_MS = 60  # audio is batched to this size before it is forwarded (fewer messages)
-FINAL_TRANSCRIPT_TIMEOUT_S = 4.0  # bounded wait for STT's final after the user stops
 END_TIMEOUT_S = 30.0  # a graceful End never waits longer than this
+TICK_S = 0.1  # how often the session's timers are checked
+DEFAULT_TOOL_TIMEOUT_S = 10.0
 DEFAULT_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer briefly, in plain spoken sentences."
-Speaking = pb.SpeakingEvent
 
 
 def session_formats(config: pb.SessionConfig) -> tuple[common_pb2.AudioFormat, common_pb2.AudioFormat]:
@@ -45,34 +48,50 @@ def session_formats(config: pb.SessionConfig) -> tuple[common_pb2.AudioFormat, c
     return fmt_in, fmt_out
 
 
-class Session:
+def _validate(config: pb.SessionConfig) -> None:
+    vad, turn = config.vad, config.turn
+    if not (0 <= vad.confidence <= 1 and 0 <= vad.min_volume <= 1 and 0 <= vad.start_secs <= 5 and 0 <= vad.stop_secs <= 10):
+        raise InvalidInput("Converse: vad options out of range (confidence, min_volume 0-1; start_secs 0-5; stop_secs 0-10)")
+    if not (0 <= turn.smart_turn_threshold <= 1 and 0 <= turn.max_silence_secs <= 30 and 0 <= turn.final_transcript_timeout_secs <= 30):
+        raise InvalidInput("Converse: turn options out of range (smart_turn_threshold 0-1; max_silence_secs, final_transcript_timeout_secs 0-30)")
+    stop_secs = vad.stop_secs or (0.2 if turn.smart_turn else 0.8)
+    if turn.smart_turn and turn.max_silence_secs and turn.max_silence_secs < stop_secs:
+        raise InvalidInput(f"Converse: turn.max_silence_secs ({turn.max_silence_secs}) must be at least vad.stop_secs ({stop_secs})")
+    lifecycle = config.lifecycle
+    if min(lifecycle.idle_timeout_secs, lifecycle.user_idle_secs, lifecycle.max_duration_secs, config.tools.timeout_secs) < 0:
+        raise InvalidInput("Converse: timeouts and durations must not be negative")
+    names = [tool.name for tool in config.tools.tools]
+    if len(set(names)) != len(names):
+        raise InvalidInput("Converse: tool names must be unique")
+    if any(strategy not in pb.MuteStrategy.values() or strategy == 0 for strategy in config.mute_strategies):
+        raise InvalidInput("Converse: unknown mute strategy")
+
+
+class Session(TurnTaking):
     def __init__(self, config: pb.SessionConfig, clients: ServiceClients, client_metadata=()):
         self.config = pb.SessionConfig()
         self.config.CopyFrom(config)
         self.config.session_id = config.session_id or uuid.uuid4().hex
         self.input_format, self.output_format = session_formats(config)
-        vad = config.vad
-        if not (0 <= vad.confidence <= 1 and 0 <= vad.min_volume <= 1 and 0 <= vad.start_secs <= 5 and 0 <= vad.stop_secs <= 10):
-            raise InvalidInput("Converse: vad options out of range (confidence, min_volume 0-1; start_secs 0-5; stop_secs 0-10)")
+        _validate(config)
         self.inbound = InboundAudio(self.input_format, PIPELINE_RATE_HZ, "Converse", max_channels=2)
         self.bytes_per_second = OutboundAudio(self.output_format, self.output_format.sample_rate_hz, "Converse").bytes_per_second()
         self.clients = clients
         self.events: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue()
-        self.playout = Playout(self.emit)
+        self.playout = Playout(self._send_bot_audio)
         self.playout.on_first_audio = self._bot_started
-        system = config.system_prompt or DEFAULT_SYSTEM_PROMPT
-        self.history = [llm_pb2.ChatMessage(role="system", content=system)]
-        self.turn: Turn | None = None
-        self.turn_count = 0
-        self.reply_task: asyncio.Task | None = None
+        self.context = ConversationContext(config.system_prompt or DEFAULT_SYSTEM_PROMPT, config.context.max_messages)
+        self.tools = ToolBroker(self.emit, config.tools.timeout_secs or DEFAULT_TOOL_TIMEOUT_S)
+        self.mute = MuteState(config.mute_strategies)
+        self.tools.on_change = lambda: setattr(self.mute, "tools_in_progress", self.tools.in_progress)
+        self.timers = SessionTimers(config.lifecycle)
+        self.reply_env = ReplyEnv(clients, self.config, self.output_format, self.bytes_per_second, self.emit, self.tools, self.context)
+        self.recorder = _recorder(config, self.emit, self.output_format)
         self.ending = False
         self._pending = np.zeros(0, dtype=np.int16)
         self._forwarded = 0  # samples sent to VAD/STT so far
         self._arrivals: list[tuple[int, float]] = []  # (end offset in samples, arrival time)
-        self._final_timer: asyncio.TimerHandle | None = None
         self.tracing = SessionTracing(self.session_id, client_metadata, dict(config.metadata))
-        self.user_speaking = False
-        self.pending_finals = 0  # finalize requests whose end of utterance has not come back
 
     @property
     def session_id(self) -> str:
@@ -80,6 +99,11 @@ class Session:
 
     def emit(self, message: pb.ConverseResponse) -> None:
         self.events.put_nowait(message)
+
+    def _send_bot_audio(self, message: pb.ConverseResponse) -> None:
+        if self.recorder:
+            self.recorder.bot_audio(message.audio.chunk.data, time.monotonic())
+        self.emit(message)
 
     def close(self, reason: int) -> None:
         """Ask the session to stop with `reason` (first caller wins)."""
@@ -97,7 +121,10 @@ class Session:
             await self._open_streams()
             self.emit(pb.ConverseResponse(session_started=pb.SessionStarted(session_id=self.session_id, output_format=self.output_format)))
             tasks = [asyncio.create_task(coro) for coro in (
-                self._read_caller(request_iterator), self._read_vad(), self._read_stt(), self.playout.run())]
+                self._read_caller(request_iterator), self._read_vad(), self._read_stt(), self.playout.run(), self._watch())]
+            greeting = self.config.greeting
+            if greeting.WhichOneof("greeting"):
+                self._bot_says(text=greeting.text, instruction=greeting.generate_instruction or None)
             pending = {*tasks, self._closed}
             while not self._closed.done():
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -123,6 +150,9 @@ class Session:
             self.stt_call.cancel()
             if self._final_timer:
                 self._final_timer.cancel()
+            self.tools.cancel_all("session ended")
+            if self.recorder:
+                self.recorder.close()
             failure = sys.exc_info()[0]
             if failure is not None:  # bad input (the caller gets the status) or the call went away
                 self.tracing.end("REASON_CANCELLED" if issubclass(failure, asyncio.CancelledError) else "REASON_ERROR")
@@ -134,10 +164,14 @@ class Session:
 
     async def _open_streams(self) -> None:
         stream_format = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=PIPELINE_RATE_HZ, channels=1)
-        vad = self.config.vad
+        vad, turn = self.config.vad, self.config.turn
+        # Smart Turn judges each short pause, so the VAD may call a pause after 0.2 s.
+        stop_secs = vad.stop_secs or (0.2 if turn.smart_turn else 0.0)
         await self.vad_call.write(vad_pb2.DetectRequest(config=vad_pb2.VadConfig(
             format=stream_format, confidence=vad.confidence, start_secs=vad.start_secs,
-            stop_secs=vad.stop_secs, min_volume=vad.min_volume, session_id=self.session_id)))
+            stop_secs=stop_secs, min_volume=vad.min_volume, session_id=self.session_id,
+            smart_turn=turn.smart_turn, smart_turn_threshold=turn.smart_turn_threshold,
+            max_silence_secs=turn.max_silence_secs)))
         await self.stt_call.write(stt_pb2.RecognizeRequest(config=stt_pb2.SttConfig(
             format=stream_format, language=self.config.language, interim_results=self.config.interim_transcripts,
             pause_transcripts=True, session_id=self.session_id)))
@@ -171,20 +205,61 @@ class Session:
             elif kind == "text":
                 if not request.text.text.strip():
                     raise InvalidInput("Converse: text input is empty")
+                self.timers.activity()
                 self._text_turn(request.text.text)
+            elif kind == "tool_result":
+                self.timers.activity()
+                self.tools.resolve(request.tool_result)
             elif kind == "control":
-                action = request.control.WhichOneof("action")
-                if action == "cancel":
-                    self.close(pb.SessionEnded.REASON_CANCELLED)
+                self.timers.activity()
+                if await self._control(request.control) == "cancel":
                     return
-                if action == "end" and not self.ending:
-                    self.ending = True
-                    await self._flush_audio()
-                    if self.user_speaking:  # no more audio will come to end the speech
-                        await self._user_stopped(self._forwarded * 1000 // PIPELINE_RATE_HZ)
-                    asyncio.ensure_future(self._graceful_end())
         if not self.ending:  # the caller went away without End: that is a cancel
             self.close(pb.SessionEnded.REASON_CANCELLED)
+
+    async def _control(self, control: pb.SessionControl) -> str:
+        action = control.WhichOneof("action")
+        if action == "cancel":
+            self.close(pb.SessionEnded.REASON_CANCELLED)
+        elif action == "end" and not self.ending:
+            self.ending = True
+            await self._flush_audio()
+            if self.user_speaking:  # no more audio will come to end the speech
+                await self._user_stopped(self._forwarded * 1000 // PIPELINE_RATE_HZ)
+            asyncio.ensure_future(self._graceful_end())
+        elif action == "say":
+            if not control.say.text.strip():
+                raise InvalidInput("Converse: say.text is empty")
+            self._bot_says(text=control.say.text)
+        elif action == "interrupt":
+            self._interrupt()
+        elif action == "mute":
+            self.mute.client_muted = control.mute.muted
+        elif action == "append_context":
+            self.context.append(list(control.append_context.messages))
+            if control.append_context.run_llm:
+                self._bot_says(instruction=None)  # reply to the context as it now stands
+        elif action == "replace_context":
+            self.context.replace(list(control.replace_context.messages))
+        return action or ""
+
+    async def _watch(self) -> None:
+        """Session timers: idle timeout, user-idle re-prompts, maximum duration."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            if self.user_speaking or (self.turn is not None and not self.turn.ended):
+                self.timers.last_activity = time.monotonic()  # a turn in progress keeps the session alive
+            if self.recorder:
+                self.recorder.advance()  # silent stretches of a text-only session stream out too
+            decision = self.timers.check()
+            if decision.reprompt:
+                self._bot_says(text=self.timers.prompt)
+            elif decision.end_reason:
+                if decision.end_reason == pb.SessionEnded.REASON_IDLE_TIMEOUT:
+                    self.emit(pb.ConverseResponse(idle_timeout=pb.IdleTimeout(
+                        idle_seconds=decision.idle_seconds, user_idle=decision.user_idle)))
+                self.close(decision.end_reason)
+                return
 
     async def _forward_audio(self, samples: np.ndarray) -> None:
         """Batch caller audio into FORWARD_MS pieces and send each to VAD and STT."""
@@ -195,7 +270,11 @@ class Session:
     async def _flush_audio(self) -> None:
         if not self._pending.size:
             return
-        data = self._pending.astype("<i2", copy=False).tobytes()
+        if self.recorder:
+            self.recorder.user_audio(self._pending, time.monotonic())
+        # Muted: VAD and STT get silence, so stream offsets stay aligned with real time.
+        pending = np.zeros_like(self._pending) if self.mute.muted() else self._pending
+        data = pending.astype("<i2", copy=False).tobytes()
         offset_ms = self._forwarded * 1000 // PIPELINE_RATE_HZ
         self._forwarded += len(self._pending)
         self._pending = np.zeros(0, dtype=np.int16)
@@ -214,120 +293,6 @@ class Session:
             return time.monotonic()
         return self._arrivals[index][1]
 
-    # ---- turns -----------------------------------------------------------------------
-    def _new_turn(self, started_at: float) -> Turn:
-        self._interrupt()
-        self.pending_finals = 0
-        self.turn_count += 1
-        turn = Turn(number=self.turn_count, turn_id=f"{self.session_id}-{self.turn_count}", started_at=started_at)
-        turn.span = self.tracing.start_turn(turn.number, turn.turn_id, started_at)
-        self.turn = turn
-        self.emit(pb.ConverseResponse(turn_started=pb.TurnStarted(turn_number=turn.number, turn_id=turn.turn_id)))
-        return turn
-
-    def _interrupt(self) -> None:
-        """The user spoke over the bot: stop the reply, drop unplayed audio, end the turn."""
-        turn = self.turn
-        if turn is None or turn.ended:
-            return
-        if self.reply_task and not self.reply_task.done():
-            self.reply_task.cancel()
-        self._drop_speculation(turn)
-        self.playout.clear()
-        self._end_turn(turn, interrupted=turn.replying)
-
-    def _end_turn(self, turn: Turn, interrupted: bool) -> None:
-        if turn.ended:
-            return
-        turn.ended = True
-        if turn.replying:
-            spoken = " ".join(turn.spoken)
-            if spoken:
-                self.history.append(llm_pb2.ChatMessage(role="assistant", content=spoken))
-            if turn.first_audio_at is not None:
-                self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_BOT_STOPPED, turn_number=turn.number)))
-        self.playout.reset_clock()
-        duration = time.monotonic() - turn.started_at
-        self.tracing.end_turn(turn.span, duration, interrupted, turn.latency_ms)
-        self.emit(pb.ConverseResponse(turn_ended=pb.TurnEnded(
-            turn_number=turn.number, duration_seconds=duration, interrupted=interrupted, latency_ms=turn.latency_ms)))
-
-    def _bot_started(self, turn_number: int) -> None:
-        turn = self.turn
-        if turn is not None and turn.number == turn_number and turn.first_audio_at is None:
-            turn.first_audio_at = time.monotonic()
-            self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_BOT_STARTED, turn_number=turn_number)))
-
-    def _text_turn(self, text: str) -> None:
-        turn = self._new_turn(time.monotonic())
-        turn.user_end_at = time.monotonic()
-        self.emit(pb.ConverseResponse(user_transcript=pb.UserTranscript(text=text, is_final=True, turn_number=turn.number, confidence=1.0)))
-        turn.user_text = text
-        self._start_reply(turn)
-
-    def _start_reply(self, turn: Turn) -> None:
-        """Release the turn to the LLM: confirm the speculative reply if it heard the same words."""
-        if self._final_timer:
-            self._final_timer.cancel()
-            self._final_timer = None
-        if turn.ended or turn.replying:
-            return
-        text = turn.user_text.strip()
-        speculation, turn.speculation = turn.speculation, None
-        if not text:
-            if speculation:
-                speculation.task.cancel()
-            self._end_turn(turn, interrupted=False)  # noise, or nothing recognisable
-            return
-        turn.replying = True
-        self.history.append(llm_pb2.ChatMessage(role="user", content=text))
-        if speculation and same_words(speculation.text, text):
-            log.debug("turn %s: speculative reply confirmed", turn.turn_id)
-            self.reply_task = speculation.task
-            speculation.held.release()  # its audio, already synthesised, starts playing now
-            return
-        if speculation:
-            speculation.task.cancel()
-        reply = BotReply(self.clients, self.playout, turn, self.config, self.output_format, self.bytes_per_second, self.emit)
-        self.reply_task = asyncio.ensure_future(self._run_reply(reply, turn, list(self.history)))
-
-    def _speculate(self, turn: Turn, text: str) -> None:
-        """The user paused: start the reply now, hold its audio until the turn is confirmed."""
-        if turn.speculation and same_words(turn.speculation.text, text):
-            return
-        self._drop_speculation(turn)
-        log.debug("turn %s: speculative reply on %r", turn.turn_id, text)
-        held = HeldPlayout(self.playout)
-        reply = BotReply(self.clients, held, turn, self.config, self.output_format, self.bytes_per_second, self.emit,
-                         speculative=True)
-        messages = [*self.history, llm_pb2.ChatMessage(role="user", content=text)]
-        turn.speculation = Speculation(text, held, asyncio.ensure_future(self._run_reply(reply, turn, messages, held)))
-
-    def _drop_speculation(self, turn: Turn) -> None:
-        if turn.speculation:
-            log.debug("turn %s: speculative reply dropped", turn.turn_id)
-            turn.speculation.task.cancel()
-            turn.speculation = None
-
-    async def _run_reply(self, reply: BotReply, turn: Turn, messages: list, held: HeldPlayout | None = None) -> None:
-        try:
-            await reply.run(messages)
-            if held is not None:
-                await held.released.wait()
-            await self.playout.drained()
-            self._end_turn(turn, interrupted=False)
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AioRpcError as err:
-            if held is not None and not held.released.is_set():
-                log.info("session %s: speculative reply failed: %s", self.session_id, err.details())
-                if turn.speculation and turn.speculation.held is held:
-                    turn.speculation = None  # the turn will start a fresh reply when confirmed
-                return
-            self.emit(pb.ConverseResponse(error=common_pb2.Error(
-                code=err.code().name, message=f"bot reply failed: {err.details()}", fatal=False, source="llm/tts")))
-            self._end_turn(turn, interrupted=False)
-
     # ---- VAD and STT -----------------------------------------------------------------
     async def _read_vad(self) -> None:
         async for response in self.vad_call:
@@ -336,61 +301,18 @@ class Session:
             elif response.HasField("speech_stopped") and self.user_speaking:
                 await self._user_stopped(response.speech_stopped.offset_ms)
 
-    async def _user_started(self, offset_ms: int) -> None:
-        self.user_speaking = True
-        turn = self.turn
-        if turn is None or turn.ended or turn.replying:
-            turn = self._new_turn(self._arrival_time(offset_ms))  # interrupts a reply in progress (barge-in)
-        else:  # the user resumed before the turn was released: same turn, words still coming
-            self._drop_speculation(turn)
-            if self._final_timer:
-                self._final_timer.cancel()
-                self._final_timer = None
-        self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STARTED, turn_number=turn.number, offset_ms=offset_ms)))
-        traceparent, tracestate = telemetry.traceparent_of(turn.span)
-        context = common_pb2.TurnContext(turn_id=turn.turn_id, turn_number=turn.number, audio_offset_ms=offset_ms,
-                                         trace=common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate))
-        await self.vad_call.write(vad_pb2.DetectRequest(turn=context))  # its speech segment span joins the turn
-        await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=context))
-
-    async def _user_stopped(self, offset_ms: int) -> None:
-        self.user_speaking = False
-        turn = self.turn
-        if turn is None or turn.replying:
-            return
-        turn.user_end_at = self._arrival_time(offset_ms)
-        self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STOPPED, turn_number=turn.number, offset_ms=offset_ms)))
-        self.pending_finals += 1
-        turn.finalize_sent_at = time.monotonic()
-        await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=turn.turn_id)))
-        # Bounded wait for the final transcript: release the turn with what we have.
-        if self._final_timer:
-            self._final_timer.cancel()
-        self._final_timer = asyncio.get_running_loop().call_later(FINAL_TRANSCRIPT_TIMEOUT_S, self._start_reply, turn)
-
     async def _read_stt(self) -> None:
         async for response in self.stt_call:
-            turn = self.turn
             if response.HasField("transcript"):
-                transcript = response.transcript
-                if turn is None or transcript.turn_id != turn.turn_id or turn.replying:
-                    continue  # late result for a turn that is already over
-                if transcript.at_pause and not transcript.is_final:
-                    self._speculate(turn, f"{turn.user_text} {transcript.text}".strip())
-                if transcript.is_final:
-                    if turn.finalize_sent_at is not None:
-                        metrics().ttfb.record((time.monotonic() - turn.finalize_sent_at) * 1000, {"service": "stt"})
-                    turn.user_text = f"{turn.user_text} {transcript.text}".strip()
-                    confidence = transcript.confidence
-                elif not self.config.interim_transcripts:
-                    continue
-                else:
-                    confidence = transcript.stability
-                self.emit(pb.ConverseResponse(user_transcript=pb.UserTranscript(
-                    text=transcript.text, is_final=transcript.is_final, turn_number=turn.number,
-                    confidence=confidence, language=transcript.language)))
-            elif response.HasField("end_of_utterance") and turn is not None and response.end_of_utterance.turn_id == turn.turn_id:
-                self.pending_finals = max(0, self.pending_finals - 1)
-                # Release the turn once every utterance in it is final and the user is quiet.
-                if self.pending_finals == 0 and not self.user_speaking:
-                    self._start_reply(turn)
+                self._on_transcript(response.transcript)
+            elif response.HasField("end_of_utterance"):
+                self._on_end_of_utterance(response.end_of_utterance.turn_id)
+
+
+def _recorder(config: pb.SessionConfig, emit, output_format):
+    options = config.recording
+    if not (options.transcript or options.wav_path or options.stream_audio):
+        return None
+    from voicemesh.orchestrator.recording import SessionRecorder
+
+    return SessionRecorder(options, emit, user_rate_hz=PIPELINE_RATE_HZ, bot_format=output_format)

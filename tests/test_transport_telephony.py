@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import signal
 import sys
 
@@ -207,4 +206,3 @@ async def test_twilio_hang_up_when_the_session_ends(phone_mesh):
         assert any(e["msg"] == "call hung up" for e in transport.log_entries())
     finally:
         await runner.cleanup()
-        os.environ.pop("_", None)

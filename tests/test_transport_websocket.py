@@ -169,3 +169,20 @@ async def test_connections_over_the_limit_are_refused(transport):
             for s in sessions:
                 await s.__aexit__(None, None, None)
         await _healthy_turn(first, "after the refusal")
+
+
+async def test_sigterm_drains_then_closes_open_connections(fake_mesh, tmp_path):
+    """On SIGTERM the transport stops taking connections, gives open ones the grace period,
+    then closes them with 1001, and exits 0."""
+    procs = Processes(tmp_path)
+    try:
+        draining = start_transport(procs, fake_mesh, name="transport-drain", extra=["--grace-seconds", "1"])
+        async with ws_session(draining.ws_url + "/ws") as client:
+            await client.ws.send_str(START)
+            await client.wait_for(is_type("session_started"))
+            draining.proc.terminate()
+            code, reason = await client.wait_closed(timeout=15)
+        assert code == 1001 and "shutting down" in reason
+        assert await asyncio.to_thread(draining.proc.wait, 15) == 0
+    finally:
+        procs.stop_all()

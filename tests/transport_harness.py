@@ -142,7 +142,10 @@ async def send_paced(send, frames: list[bytes], frame_ms: int = 20) -> None:
     """Send frames at real-time pace (the fake VAD counts 20 ms frames as they come)."""
     start = time.monotonic()
     for index, frame in enumerate(frames):
-        await send(frame)
+        try:
+            await send(frame)
+        except ConnectionError:
+            return  # closed by the server: the caller's next wait reports the close code and reason
         await asyncio.sleep(max(0.0, start + (index + 1) * frame_ms / 1000 - time.monotonic()))
 
 

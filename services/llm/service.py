@@ -145,7 +145,12 @@ class LlmServicer(ServicerBase, llm_pb2_grpc.LlmServiceServicer):
                 awaiting_tool_results=llm_pb2.AwaitingToolResults(tool_call_ids=[call.id for call in calls])
             )
             messages.append(ChatTurn("assistant", "".join(text), calls))
-            messages.extend(await _collect_tool_results(request_iterator, calls, span))
+            results, skip_reply = await _collect_tool_results(request_iterator, calls, span)
+            messages.extend(results)
+            if skip_reply:  # every result said: record it, say nothing more
+                usage = llm_pb2.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+                yield llm_pb2.GenerateResponse(done=llm_pb2.Done(finish_reason=llm_pb2.FINISH_REASON_STOP, usage=usage))
+                return
         raise FailedPrecondition(f"Generate: the model asked for tools more than {MAX_TOOL_ROUNDS} times in one turn")
 
     async def Info(self, request, context):
@@ -161,8 +166,9 @@ def _unknown_tool_results(calls: list[ToolCallRequest], declared: set[str]) -> l
     ]
 
 
-async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest], llm_span) -> list[ChatTurn]:
-    """Wait for one result per call (any order); return them in call order.
+async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest], llm_span) -> tuple[list[ChatTurn], bool]:
+    """Wait for one result per call (any order); return them in call order, and whether every
+    result asked to skip the reply.
 
     Each call gets an `llm_tool_call` span, child of the `llm` span, from the moment it was
     sent to the moment its result came back."""
@@ -174,6 +180,7 @@ async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest], 
             "tool.name": call.name, "tool.call_id": call.id, "tool.arguments": telemetry.content(json.dumps(call.arguments)),
         })
     results: dict[str, ChatTurn] = {}
+    skips: set[str] = set()
     expected = {call.id for call in calls}
     try:
         async for request in request_iterator:
@@ -184,6 +191,8 @@ async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest], 
                 raise InvalidInput(f"Generate: tool_result for unknown call id {result.tool_call_id!r}; expected one of {sorted(expected)}")
             content = result.content if not result.is_error else json.dumps({"error": result.content})
             results[result.tool_call_id] = ChatTurn("tool", content, tool_call_id=result.tool_call_id)
+            if result.skip_reply:
+                skips.add(result.tool_call_id)
             span = spans.pop(result.tool_call_id, None)
             if span is not None:
                 telemetry.set_attributes(span, {"tool.result": telemetry.content(result.content),
@@ -192,7 +201,7 @@ async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest], 
                     span.set_status(Status(StatusCode.ERROR, "the tool reported an error"))
                 span.end()
             if len(results) == len(expected):
-                return [results[call.id] for call in calls]
+                return [results[call.id] for call in calls], skips == expected
         raise FailedPrecondition(f"Generate: the request stream ended while {len(expected) - len(results)} tool result(s) were pending")
     finally:
         for span in spans.values():  # no result came back (cancelled or failed)

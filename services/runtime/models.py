@@ -79,6 +79,13 @@ MODELS: dict[str, ModelSpec] = {
         upstream="snakers4/silero-vad silero_vad.onnx",
         in_place=PartSource("silero_vad", "data/silero_vad.onnx"),
     ),
+    "smart-turn": ModelSpec(
+        name="smart-turn",
+        env_var="VOICEMESH_SMART_TURN_MODEL",
+        licence="BSD-2-Clause (Smart Turn v3.2, pipecat-ai)",
+        upstream="pipecat-ai/smart-turn-v3 smart-turn-v3.2-cpu.onnx",
+        in_place=PartSource("pipecat", "audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"),
+    ),
 }
 
 

@@ -52,11 +52,15 @@ class Outcome:
     code: grpc.StatusCode | None = None  # the stream's status, when it failed
     details: str = ""
 
+    error: str = ""  # the fatal in-band Error that ended the session, if any
+
     @property
     def ok(self) -> bool:
-        return self.code in (None, grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
+        return self.code in (None, grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) and self.reason != "ERROR"
 
     def describe(self) -> str:
+        if self.reason == "ERROR":
+            return f"session failed: {self.error or 'see the orchestrator logs'}"
         if not self.ok:
             return f"orchestrator: {self.code.name} {self.details}"
         return f"session ended: {(self.reason or 'closed').lower()}"
@@ -209,6 +213,9 @@ class ConverseBridge:
                 await self._clear(self._playing_turn)  # barge-in: stop playback at once
         elif kind == "turn_ended" and response.turn_ended.interrupted:
             await self._clear(response.turn_ended.turn_number)
+        elif kind == "error" and response.error.fatal:
+            error = response.error
+            self.outcome.error = f"{error.source}: {error.code} {error.message}"
         elif kind == "session_ended":
             self.outcome.reason = pb.SessionEnded.Reason.Name(response.session_ended.reason).removeprefix("REASON_")
         await self.sink.event(response)

@@ -213,7 +213,7 @@ class PeerSession:
         await self.bridge.wait()
         if not self._closed.is_set():
             outcome = self.bridge.outcome
-            if not outcome.ok:
+            if not outcome.ok and outcome.reason != "ERROR":  # an in-band Error was already forwarded
                 self._send({"type": "error", "code": outcome.code.name, "message": outcome.details, "fatal": True,
                             "source": "orchestrator"})
             await asyncio.sleep(0.5)  # let the data channel deliver session_ended

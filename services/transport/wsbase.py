@@ -96,7 +96,7 @@ class WsSession:
             outcome = self.bridge.outcome
             if outcome.ok:
                 return CLOSE_NORMAL, outcome.describe()
-            code = CLOSE_TRY_LATER if outcome.code.name == "UNAVAILABLE" else CLOSE_INTERNAL
+            code = CLOSE_TRY_LATER if outcome.code is not None and outcome.code.name == "UNAVAILABLE" else CLOSE_INTERNAL
             return code, outcome.describe()
         finally:
             for task in (reader, ended, woken):

@@ -16,6 +16,12 @@ a rise is taken at once, a fall is smoothed (factor 0.2 per window), so a weak c
 (-50..-60 dBFS windows are common inside words) does not break a run. Pipecat smooths both
 ways; that delays the start by ~200 ms after digital silence and can merge a sentence pause
 into the stop timer, which an instant rise avoids.
+
+With `smart_turn`, reaching stop_secs only proposes a stop: `push` returns STOP_CANDIDATE
+and the caller answers with `resolve_stop(end-of-turn probability)`. At or above the
+threshold that returns STOPPED. Below it the stop is held: the user still counts as
+speaking; speech that resumes continues the same segment (no new STARTED), and silence that
+reaches max_silence_secs since the speech end returns STOPPED with `silence_fallback`.
 """
 from __future__ import annotations
 
@@ -51,11 +57,15 @@ class SegmenterParams:
     stop_secs: float = 0.8  # non-speech needed, unbroken, before STOPPED
     min_volume: float = 0.6  # minimum smoothed volume of a speech window
     volume_release: float = 0.2  # how fast a falling volume is followed per window; 1.0: no smoothing
+    smart_turn: bool = False  # stop_secs proposes a stop (STOP_CANDIDATE) instead of deciding it
+    smart_turn_threshold: float = 0.5  # end-of-turn probability that confirms a proposed stop
+    max_silence_secs: float = 3.0  # with smart_turn: silence since the speech end that stops anyway
 
 
 class EventKind(str, enum.Enum):
     STARTED = "started"
     STOPPED = "stopped"
+    STOP_CANDIDATE = "stop_candidate"  # smart_turn only: answer with resolve_stop()
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,10 @@ class SpeechEvent:
     # STARTED: mean probability of the windows that confirmed the start.
     # STOPPED: mean probability over the whole segment, from its start to its last speech window.
     probability: float
+    # STOPPED with smart_turn: the end-of-turn probability of the pause, and whether the stop
+    # came from max_silence_secs rather than the model.
+    end_of_turn_probability: float = 0.0
+    silence_fallback: bool = False
 
 
 class _State(enum.Enum):
@@ -72,6 +86,8 @@ class _State(enum.Enum):
     STARTING = 1
     SPEAKING = 2
     STOPPING = 3
+    PENDING = 4  # smart_turn: a stop was proposed, resolve_stop() not yet called
+    HELD = 5  # smart_turn: the proposed stop was rejected; waiting for speech or max_silence_secs
 
 
 class SpeechSegmenter:
@@ -93,6 +109,8 @@ class SpeechSegmenter:
         window_secs = window_samples / sample_rate_hz
         self._start_windows = max(1, round(self.params.start_secs / window_secs))
         self._stop_windows = max(1, round(self.params.stop_secs / window_secs))
+        self._max_silence_windows = max(self._stop_windows, round(self.params.max_silence_secs / window_secs))
+        self._end_of_turn = 0.0  # the latest end-of-turn probability of this segment
         self._state = _State.QUIET
         self._volume = 0.0  # the envelope of the raw window volumes
         self._run = 0  # consecutive windows in the current STARTING or STOPPING run
@@ -106,7 +124,7 @@ class SpeechSegmenter:
     @property
     def speaking(self) -> bool:
         """True between STARTED and STOPPED."""
-        return self._state in (_State.SPEAKING, _State.STOPPING)
+        return self._state in (_State.SPEAKING, _State.STOPPING, _State.PENDING, _State.HELD)
 
     @property
     def volume(self) -> float:
@@ -139,7 +157,7 @@ class SpeechSegmenter:
             if self._run >= self._start_windows:
                 return [self._started()]
             return []
-        if is_speech:
+        if is_speech:  # also ends a held stop: the same segment goes on
             self._mark_speech(window_end_samples)
             self._state = _State.SPEAKING
             return []
@@ -148,8 +166,27 @@ class SpeechSegmenter:
             self._run = 1
         else:
             self._run += 1
+        if state in (_State.PENDING, _State.HELD):
+            if self._run >= self._max_silence_windows:
+                return [self._stopped(silence_fallback=True)]
+            return []
         if self._run >= self._stop_windows:
+            if self.params.smart_turn:
+                self._state = _State.PENDING
+                return [self._event(EventKind.STOP_CANDIDATE)]
             return [self._stopped()]
+        return []
+
+    def resolve_stop(self, end_of_turn_probability: float) -> list[SpeechEvent]:
+        """Answer a STOP_CANDIDATE: STOPPED when the probability reaches the threshold, else
+        hold the stop (returns nothing). A no-op once the candidate is moot (speech resumed,
+        or the silence fallback already stopped the segment)."""
+        if self._state is not _State.PENDING:
+            return []
+        self._end_of_turn = end_of_turn_probability
+        if end_of_turn_probability >= self.params.smart_turn_threshold:
+            return [self._stopped()]
+        self._state = _State.HELD
         return []
 
     def flush(self) -> list[SpeechEvent]:
@@ -164,6 +201,7 @@ class SpeechSegmenter:
         self._segment_start = max(0, window_end - self._window)
         self._prob_sum = probability
         self._prob_count = 1
+        self._end_of_turn = 0.0
         self._mark_speech(window_end)
 
     def _mark_speech(self, window_end: int) -> None:
@@ -179,12 +217,18 @@ class SpeechSegmenter:
             self._speech_prob_sum / self._speech_prob_count,
         )
 
-    def _stopped(self) -> SpeechEvent:
+    def _stopped(self, silence_fallback: bool = False) -> SpeechEvent:
         self._state = _State.QUIET
+        return self._event(EventKind.STOPPED, silence_fallback)
+
+    def _event(self, kind: EventKind, silence_fallback: bool = False) -> SpeechEvent:
+        """STOPPED or STOP_CANDIDATE at the latest speech window."""
         return SpeechEvent(
-            EventKind.STOPPED,
+            kind,
             self._to_ms(self._speech_end),
             self._speech_prob_sum / self._speech_prob_count,
+            self._end_of_turn,
+            silence_fallback,
         )
 
     def _to_ms(self, samples: int) -> int:

@@ -1,4 +1,5 @@
-"""The VAD service: a thin servicer over one VadProvider plus the shared segmenter."""
+"""The VAD service: a thin servicer over one VadProvider plus the shared segmenter, and the
+Smart Turn model (one per process, provider-independent) for streams that ask for it."""
 from __future__ import annotations
 
 import bisect
@@ -9,11 +10,13 @@ import numpy as np
 
 from voicemesh.runtime import telemetry
 from voicemesh.runtime.audio import InboundAudio
-from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
+from voicemesh.runtime.errors import FailedPrecondition, InvalidInput, first_message, stream_guard
 from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.v1 import vad_pb2, vad_pb2_grpc
 from voicemesh.vad.providers.base import VadProvider
 from voicemesh.vad.segmenter import SegmenterParams, SpeechSegmenter, window_volume
+from voicemesh.vad.smart_turn import MODEL_NAME as SMART_TURN_MODEL
+from voicemesh.vad.smart_turn import SmartTurnModel, TurnGate
 
 PROVIDERS = {"silero": "voicemesh.vad.providers.silero:SileroVadProvider"}
 _DEFAULTS = SegmenterParams()
@@ -26,24 +29,49 @@ def segmenter_params(config: vad_pb2.VadConfig) -> SegmenterParams:
         start_secs=config.start_secs or _DEFAULTS.start_secs,
         stop_secs=config.stop_secs or _DEFAULTS.stop_secs,
         min_volume=config.min_volume or _DEFAULTS.min_volume,
+        smart_turn=config.smart_turn,
+        smart_turn_threshold=config.smart_turn_threshold or _DEFAULTS.smart_turn_threshold,
+        max_silence_secs=config.max_silence_secs or _DEFAULTS.max_silence_secs,
     )
     if not 0 < params.confidence <= 1 or not 0 <= params.min_volume <= 1:
         raise InvalidInput("Detect: confidence must be in (0, 1] and min_volume in [0, 1]")
     if not 0 < params.start_secs <= 5 or not 0 < params.stop_secs <= 10:
         raise InvalidInput("Detect: start_secs must be in (0, 5] and stop_secs in (0, 10]")
+    if params.smart_turn and not 0 < params.smart_turn_threshold <= 1:
+        raise InvalidInput("Detect: smart_turn_threshold must be in (0, 1]")
+    if params.smart_turn and not params.stop_secs <= params.max_silence_secs <= 60:
+        raise InvalidInput("Detect: max_silence_secs must be at least stop_secs and at most 60")
     return params
 
 
 class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
     kind = "vad"
     provider: VadProvider
+    smart_turn: SmartTurnModel | None = None
+
+    async def startup(self) -> None:
+        # Before SERVING, like the provider's model: no stream waits for it.
+        self.smart_turn = await SmartTurnModel.load_if_available()
+        await super().startup()
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self.smart_turn is not None:
+            await self.smart_turn.close()
 
     async def Detect(self, request_iterator, context: grpc.aio.ServicerContext):
         async with stream_guard(context, "Detect"):
             self.require_ready()
             config = await first_message(request_iterator, "config", "Detect")
             inbound = InboundAudio(config.format, self.provider.sample_rate_hz, "Detect")
-            segmenter = SpeechSegmenter(segmenter_params(config), sample_rate_hz=self.provider.sample_rate_hz)
+            params = segmenter_params(config)
+            if params.smart_turn and self.smart_turn is None:
+                raise FailedPrecondition(
+                    "Detect: smart_turn is on but this VAD service has no Smart Turn model "
+                    "(install pipecat-ai --no-deps or set VOICEMESH_SMART_TURN_MODEL); turn smart_turn off"
+                )
+            segmenter = SpeechSegmenter(params, sample_rate_hz=self.provider.sample_rate_hz)
+            gate = TurnGate(segmenter, self.smart_turn.score if params.smart_turn else None)
             stream = self.provider.open_stream()
             spans = _SegmentSpans(self.provider.sample_rate_hz)
             # The segmenter needs each window's volume; keep the samples not yet scored.
@@ -60,15 +88,16 @@ class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
                         raise InvalidInput("Detect: config may only be sent once, as the first message")
                     samples = inbound.convert(request.audio.data)
                     spans.arrived(pending_start + len(pending) + len(samples))
+                    gate.append(samples)
                     pending = np.concatenate((pending, samples))
                     for result in await stream.process(samples):
                         end = result.end_offset_samples - pending_start
                         window = pending[max(0, end - 512) : end]
-                        for event in segmenter.push(result.end_offset_samples, result.probability, window_volume(window)):
+                        for event in await gate.push(result.end_offset_samples, result.probability, window_volume(window)):
                             if event.kind == "started":
                                 speech_started_ms = event.offset_ms
                             else:
-                                spans.stopped(event.offset_ms, speech_started_ms, event.probability)
+                                spans.stopped(event, speech_started_ms, params.smart_turn)
                             yield _to_response(event, speech_started_ms)
                         pending = pending[end:]
                         pending_start = result.end_offset_samples
@@ -77,7 +106,9 @@ class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
                 await stream.close()
 
     async def Info(self, request, context):
-        return vad_pb2.VadServiceInfoResponse(info=self.service_info(input_rates=(0,)))
+        info = self.service_info(input_rates=(0,))
+        info.details["smart_turn"] = SMART_TURN_MODEL if self.smart_turn is not None else "unavailable"
+        return vad_pb2.VadServiceInfoResponse(info=info)
 
 
 class _SegmentSpans:
@@ -110,10 +141,13 @@ class _SegmentSpans:
             attributes={"turn.id": context.turn_id, "vad.speech_start_ms": speech_started_ms},
         )
 
-    def stopped(self, offset_ms: int, started_ms: int, probability: float) -> None:
+    def stopped(self, event, started_ms: int, smart_turn: bool) -> None:
         if self.span is not None:
-            self.span.set_attributes({"vad.speech_end_ms": offset_ms, "vad.duration_ms": max(0, offset_ms - started_ms),
-                                      "vad.probability": probability})
+            self.span.set_attributes({"vad.speech_end_ms": event.offset_ms, "vad.probability": event.probability,
+                                      "vad.duration_ms": max(0, event.offset_ms - started_ms)})
+            if smart_turn:
+                self.span.set_attributes({"vad.end_of_turn_probability": event.end_of_turn_probability,
+                                          "vad.silence_fallback": event.silence_fallback})
             self.span.end()
             self.span = None
 
@@ -134,6 +168,8 @@ def _to_response(event, speech_started_ms: int) -> vad_pb2.DetectResponse:
             offset_ms=event.offset_ms,
             probability=event.probability,
             duration_ms=max(0, event.offset_ms - speech_started_ms),
+            end_of_turn_probability=event.end_of_turn_probability,
+            silence_fallback=event.silence_fallback,
         )
     )
 

@@ -6,9 +6,12 @@ port, with fixed, known behaviour so orchestrator tests can assert exact event s
 - VAD: a 20 ms frame is speech when its RMS is above SPEECH_RMS; start/stop after the
   configured start_secs/stop_secs, like the real segmenter.
 - STT: the final transcript of the n-th utterance is the n-th entry of FAKE_TRANSCRIPTS
-  (comma-separated env), else "utterance <n>"; one interim "..." at each turn start.
+  (comma-separated env), else "utterance <n>"; after each turn start, an interim every
+  200 ms of audio with WORDS_PER_SECOND words per second of audio so far ("w1 w2 ...").
 - LLM: replies "You said: <last user message>." word by word, TOKEN_DELAY_S apart; a
-  message containing "long story" gets a 30-sentence reply (for barge-in tests).
+  message containing "long story" gets a 30-sentence reply (for barge-in tests). With
+  tools declared, "weather in X and Y" calls get_weather once per city (in parallel), then
+  answers "The tools said: <results>." (or nothing, when every result says skip_reply).
 - TTS: each sentence becomes a 440 Hz tone, MS_PER_CHAR long, in 40 ms chunks, after
   TTS_FIRST_AUDIO_S; SegmentDone carries the sentence text.
 Counters of started and cancelled calls are exposed through Info details.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 
 import grpc
@@ -26,6 +30,7 @@ from voicemesh.runtime.audio import pcm16_to_mulaw
 from voicemesh.v1 import common_pb2, llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc, vad_pb2, vad_pb2_grpc
 
 SPEECH_RMS = 1000.0
+WORDS_PER_SECOND = 5
 TOKEN_DELAY_S = 0.01
 TTS_FIRST_AUDIO_S = 0.02
 MS_PER_CHAR = 20
@@ -75,16 +80,27 @@ class FakeStt(stt_pb2_grpc.SttServiceServicer):
     async def Recognize(self, request_iterator, context):
         scripted = [t for t in os.environ.get("FAKE_TRANSCRIPTS", "").split(",") if t]
         utterances = 0
+        turn_id, heard_ms, next_interim_ms = "", 0, 0
         async for request in request_iterator:
             kind = request.WhichOneof("request")
             if kind == "turn_start":
-                yield stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text="...", turn_id=request.turn_start.turn_id))
+                turn_id, heard_ms, next_interim_ms = request.turn_start.turn_id, 0, 200
+            elif kind == "audio" and turn_id:
+                samples = np.frombuffer(request.audio.data, dtype="<i2").astype(np.float64)
+                if samples.size and float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS:  # words come from speech only
+                    heard_ms += len(request.audio.data) * 1000 // 32000
+                if heard_ms >= next_interim_ms:
+                    next_interim_ms += 200
+                    words = " ".join(f"w{n}" for n in range(1, 1 + heard_ms * WORDS_PER_SECOND // 1000))
+                    if words:
+                        yield stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=words, turn_id=turn_id))
             elif kind == "finalize":
                 text = scripted[utterances] if utterances < len(scripted) else f"utterance {utterances + 1}"
                 utterances += 1
                 turn_id = request.finalize.turn_id
                 yield stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=text, is_final=True, confidence=1.0, turn_id=turn_id))
                 yield stt_pb2.RecognizeResponse(end_of_utterance=stt_pb2.EndOfUtterance(turn_id=turn_id))
+                turn_id = ""
 
     async def Info(self, request, context):
         return stt_pb2.SttServiceInfoResponse(info=_info("stt"))
@@ -93,9 +109,21 @@ class FakeStt(stt_pb2_grpc.SttServiceServicer):
 class FakeLlm(llm_pb2_grpc.LlmServiceServicer):
     async def Generate(self, request_iterator, context):
         COUNTERS["llm_calls"] += 1
-        first = await anext(aiter(request_iterator))
-        user = [m.content for m in first.chat.messages if m.role == "user"][-1]
-        if "long story" in user:
+        requests = aiter(request_iterator)
+        first = await anext(requests)
+        users = [m.content for m in first.chat.messages if m.role == "user"]
+        user = users[-1] if users else "nothing"
+        cities = [city for city in ("Paris", "London", "Tokyo") if city in user]
+        if first.chat.tools and "weather" in user and cities:
+            async for response in self._tool_round(requests, cities):
+                yield response
+            return
+        assistant = [m.content for m in first.chat.messages if m.role == "assistant"]
+        if "what did you say" in user:
+            reply = f"Before, I said: {assistant[-1] if assistant else 'nothing'}"
+        elif "count messages" in user:
+            reply = f"I see {len(first.chat.messages)} messages."
+        elif "long story" in user:
             reply = " ".join(f"This is sentence number {n} of a long story." for n in range(1, 31))
         else:
             reply = f"You said: {user}."
@@ -108,6 +136,24 @@ class FakeLlm(llm_pb2_grpc.LlmServiceServicer):
         except asyncio.CancelledError:
             COUNTERS["llm_cancelled"] += 1
             raise
+
+    async def _tool_round(self, requests, cities):
+        ids = [f"call_{n}" for n in range(len(cities))]
+        for call_id, city in zip(ids, cities, strict=True):
+            arguments = json.dumps({"city": city})
+            yield llm_pb2.GenerateResponse(tool_call=llm_pb2.ToolCall(id=call_id, name="get_weather", arguments_json=arguments))
+        yield llm_pb2.GenerateResponse(awaiting_tool_results=llm_pb2.AwaitingToolResults(tool_call_ids=ids))
+        results = {}
+        while len(results) < len(ids):
+            result = (await anext(requests)).tool_result
+            results[result.tool_call_id] = result
+        if all(r.skip_reply for r in results.values()):
+            yield llm_pb2.GenerateResponse(done=llm_pb2.Done(finish_reason=llm_pb2.FINISH_REASON_STOP))
+            return
+        said = " and ".join(results[call_id].content for call_id in ids)
+        for word in f"The tools said: {said}.".split(" "):
+            yield llm_pb2.GenerateResponse(delta=llm_pb2.TextDelta(text=word + " "))
+        yield llm_pb2.GenerateResponse(done=llm_pb2.Done(finish_reason=llm_pb2.FINISH_REASON_STOP))
 
     async def Info(self, request, context):
         return llm_pb2.LlmServiceInfoResponse(info=_info("llm"))

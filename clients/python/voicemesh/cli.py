@@ -54,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="embedded model files")
     models.add_argument("action", choices=["setup", "list"])
     models.add_argument("--force", action="store_true", help="re-join even if present")
+    sub.add_parser("bench", help="run the benchmarks (bench/README.md); options after `--`", add_help=False)
 
+    if argv and argv[0] == "bench":  # the bench lives in the repository, not in the package
+        sys.path.insert(0, os.getcwd())
+        from bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)

@@ -27,6 +27,8 @@ from voicemesh.runtime.config import DEFAULT_PORTS
 
 BACKENDS = ("vad", "stt", "llm", "tts")
 ALL_SERVICES = (*BACKENDS, "orchestrator")
+TRANSPORT = "transport"  # started after the orchestrator when listed in Mesh.services (voicemesh up does)
+DEFAULT_HTTP_PORT = 8080
 DEFAULT_LOG_DIR = ".voicemesh/logs"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # Health probes reconnect quickly: gRPC's default backoff grows to minutes after refusals.
@@ -109,6 +111,7 @@ class Mesh:
     services: Sequence[str] = ALL_SERVICES
     extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
     command: Callable[[str, str, int], list[str]] | None = None
+    http_port: int = DEFAULT_HTTP_PORT  # the transport's page and WebSockets
     progress: Callable[[str], None] = lambda text: None  # noqa: E731 - progress lines, e.g. print
     children: dict[str, Child] = field(default_factory=dict, init=False)
 
@@ -132,6 +135,8 @@ class Mesh:
         if any(c.process is not None for c in self.children.values()):
             return self
         busy = ", ".join(f"{c.kind} {c.host}:{c.port}" for c in self.children.values() if port_in_use(c.host, c.port))
+        if TRANSPORT in self.children and port_in_use(self.host, self.http_port):
+            busy = ", ".join(filter(None, (busy, f"transport http {self.host}:{self.http_port}")))
         if busy:
             raise MeshError(f"port already in use: {busy} (another mesh running? choose other ports)")
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
@@ -144,6 +149,12 @@ class Mesh:
                 orchestrator = [self.children["orchestrator"]]
                 self._launch(orchestrator, {f"VOICEMESH_{c.kind.upper()}_ADDR": c.address for c in backends})
                 self._wait_healthy(orchestrator)
+            if TRANSPORT in self.children:
+                transport = [self.children[TRANSPORT]]
+                self._launch(transport, {"VOICEMESH_ORCHESTRATOR_ADDR": self.orchestrator_address,
+                                         "VOICEMESH_TRANSPORT_HTTP_HOST": self.host,
+                                         "VOICEMESH_TRANSPORT_HTTP_PORT": str(self.http_port)})
+                self._wait_healthy(transport)
         except BaseException:
             self.stop()
             raise
@@ -203,9 +214,10 @@ class Mesh:
         self._stopping.set()
         atexit.unregister(self.stop)
         started = [c for c in self.children.values() if c.process is not None]
-        try:  # the orchestrator first, so its sessions end before the backends go away
+        try:  # callers' side first, so sessions end before the backends go away
+            self._terminate([c for c in started if c.kind == TRANSPORT])
             self._terminate([c for c in started if c.kind == "orchestrator"])
-            self._terminate([c for c in started if c.kind != "orchestrator"])
+            self._terminate([c for c in started if c.kind not in ("orchestrator", TRANSPORT)])
         except KeyboardInterrupt:  # a second Ctrl-C: no more patience
             self._terminate(started, patience=0)
         return {c.kind: c.process.returncode if c.process else None for c in self.children.values()}
@@ -260,14 +272,19 @@ def _print_table(mesh: Mesh, seconds: float) -> None:
         print(f"  {child.kind:13} {child.address:21} {child.process.pid:>7}  {child.log_path}")
     addr = mesh.orchestrator_address
     flag = "" if addr == f"127.0.0.1:{DEFAULT_PORTS['orchestrator']}" else f" --addr {addr}"
+    if TRANSPORT in mesh.children:
+        host = mesh.children[TRANSPORT].address.rsplit(":", 1)[0]
+        print(f"page (browser, WebRTC/WebSocket): http://{host}:{mesh.http_port}")
     print(f"next:\n  voicemesh talk tests/fixtures/question_capital.wav{flag}\n  voicemesh chat{flag}")
     print("Ctrl-C stops the mesh.", flush=True)
 
 
 def _up(args: argparse.Namespace) -> int:
-    ports = {kind: getattr(args, "port" if kind == "orchestrator" else f"{kind}_port") for kind in ALL_SERVICES}
+    services = (*ALL_SERVICES, TRANSPORT)
+    ports = {kind: getattr(args, "port" if kind == "orchestrator" else f"{kind}_port") for kind in services}
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    mesh = Mesh(ports=ports, host=args.host, log_dir=args.log_dir, ready_timeout=args.ready_timeout, progress=say)
+    mesh = Mesh(ports=ports, host=args.host, log_dir=args.log_dir, ready_timeout=args.ready_timeout, progress=say,
+                services=services, http_port=args.http_port)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
     crashed: list[Child] = []
@@ -309,8 +326,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="run every service locally as its own process, and supervise them")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds")
     up.add_argument("--port", type=int, default=DEFAULT_PORTS["orchestrator"], help="orchestrator port")
-    for kind in BACKENDS:
-        up.add_argument(f"--{kind}-port", type=int, default=DEFAULT_PORTS[kind], help=f"{kind} service port")
+    for kind in (*BACKENDS, TRANSPORT):
+        up.add_argument(f"--{kind}-port", type=int, default=DEFAULT_PORTS[kind], help=f"{kind} service port (gRPC)")
+    up.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="the transport's page and WebSockets")
     up.add_argument("--chat", action="store_true", help="once healthy, chat with the mesh here; stop it after")
     up.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help="where each service's log goes")
     up.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each phase may take to be healthy")

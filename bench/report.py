@@ -1,0 +1,85 @@
+"""latest.json -> latest.md: the tables the README's Performance section shows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        value = f"{value:.1f}"
+    return f"{value}{unit}"
+
+
+def _spread(entry: dict, key: str) -> str:
+    s = entry.get(f"{key}_spread") or {}
+    if not s.get("runs"):
+        return _fmt(entry.get(key))
+    if s["runs"] == 1:
+        return _fmt(s["median"])
+    return f"{_fmt(s['median'])} ({_fmt(s['min'])}–{_fmt(s['max'])})"
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    lines = []
+    m = results["machine"]
+    lines += [f"Machine: {m['cores']} cores, {m['cpu_model']}, Python {m['python']}; load average "
+              f"{m.get('load_average_at_start')} at start, {m.get('load_average_at_end')} at end; "
+              f"{results.get('wall_seconds')} s in all.", ""]
+    lines += ["| measure | target | measured | |", "|---|---|---|---|"]
+    for row in results.get("targets", []):
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row["pass"]]
+        lines.append(f"| {row['measure']} | {row['target']} | {_fmt(row['value'])} | {verdict} |")
+    mesh, pipecat = results.get("mesh_added_latency_ms"), results.get("pipecat_added_latency_ms")
+    if mesh and pipecat:
+        defaults = results.get("pipecat_defaults_added_latency_ms", {})
+        ratio = results.get("mesh_to_pipecat_ratio", {})
+        lines += ["", "Added latency per turn (ms; end of user speech to first bot audio, minus the fakes' "
+                  f"{results['latencies_of_fakes']['total_ms']:.0f} ms), median of repeated runs (min–max); "
+                  "server process pinned to one core:", "",
+                  "| sessions | mesh p50 | mesh p99 | Pipecat lean p50 | Pipecat lean p99 | mesh/Pipecat p50 | mesh/Pipecat p99 "
+                  "| Pipecat defaults p50 / p99 | CPU mesh / Pipecat lean (cores) | mesh session errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for n in mesh:
+            a, b, d = mesh[n], pipecat.get(n, {}), defaults.get(n, {})
+            r = ratio.get(n, {})
+            lines.append(f"| {n} | {_spread(a, 'p50')} | {_spread(a, 'p99')} | {_spread(b, 'p50')} | {_spread(b, 'p99')} "
+                         f"| {_fmt(r.get('p50'))} | {_fmt(r.get('p99'))} | {_fmt(d.get('p50'))} / {_fmt(d.get('p99'))} "
+                         f"| {_fmt(a.get('cpu_cores'))} / {_fmt(b.get('cpu_cores'))} | {a.get('session_errors')} |")
+    caps = [(name, results.get(key)) for name, key in (("orchestrator (mesh)", "orchestrator_capacity"),
+                                                       ("Pipecat, lean", "pipecat_lean_capacity"),
+                                                       ("Pipecat, defaults", "pipecat_defaults_capacity"))]
+    if any(c for _, c in caps):
+        lines += ["", "Real-time sessions on one core (largest N tried with no underruns or missed turns and p99 added "
+                  "latency < 20 ms; load-induced: p99 minus the 1-session p50 < 20 ms):", "",
+                  "| side | strict | load-induced | CPU at that N (cores) | N per full core, extrapolated |",
+                  "|---|---|---|---|---|"]
+        for name, cap in caps:
+            if cap:
+                lines.append(f"| {name} | {cap['sessions_per_core']} | {cap['sessions_per_core_load_induced']} "
+                             f"| {_fmt(cap['cpu_cores_at_load_induced'])} | {_fmt(cap['sessions_per_full_core_extrapolated'])} |")
+    vad = results.get("vad_capacity")
+    if vad:
+        lines += ["", "VAD service (Silero), one core: SpeechStopped event latency by stream count:", "",
+                  "| streams | p50 ms | p99 ms | CPU (cores) | pass |", "|---|---|---|---|---|"]
+        for n, p in vad["points"].items():
+            lines.append(f"| {n} | {_fmt(p['event_latency_ms']['p50'])} | {_fmt(p['event_latency_ms']['p99'])} "
+                         f"| {_fmt(p['server_cpu_cores'])} | {p['pass']} |")
+    v2v = results.get("voice_to_voice_ms")
+    if v2v:
+        b = v2v["breakdown"]
+        lines += ["", f"Voice-to-voice, embedded stack, 2 cores ({v2v['detail']['ok_runs']} turns): p50 {_fmt(v2v['p50'])} ms, "
+                  f"p90 {_fmt(v2v['p90'])} ms. Breakdown (p50, ms):", "",
+                  "| VAD stop wait | end-of-turn decision | STT final | reply after final (seen) | LLM first token (direct) "
+                  "| TTS first audio (direct) | mesh hops (fake mesh, 1 session) |", "|---|---|---|---|---|---|---|",
+                  f"| {_fmt(b['vad_stop_wait'])} | {_fmt(b['end_of_turn_decision'])} | {_fmt(b['stt_final'])} "
+                  f"| {_fmt(b['reply_after_final_seen'])} | {_fmt(b['llm_first_token'])} | {_fmt(b['tts_first_audio'])} "
+                  f"| {_fmt(b['mesh_hops_fake_mesh_1_session'])} |"]
+    barge = results.get("bargein_ms")
+    if barge:
+        lines += ["", f"Barge-in ({barge['ok_runs']} runs, start_secs {barge['start_secs']}): onset of user speech to "
+                  f"bot audio stopped at the client p50 {_fmt(barge['p50'])} ms (last audio and interruption event both in); "
+                  f"last bot audio arrival {_fmt(barge.get('stream_stop_p50'))} ms; interruption event {_fmt(barge['signal_p50'])} ms; "
+                  f"end of the audio already received, for a client that does not flush: {_fmt(barge['audible_without_flush_p50'])} ms."]
+    path.write_text("\n".join(lines) + "\n")
