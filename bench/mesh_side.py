@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from bench.procs import Procs, free_port
 from bench.scenario import Latencies
@@ -79,5 +80,5 @@ def _py_spy(pid: int, seconds: float, out: str):
     if spy is None:
         return None
     argv = [str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-            "--format", "speedscope" if out.endswith(".json") else "flamegraph", "--output", out, "--nonblocking"]
+            "--format", {".json": "speedscope", ".txt": "raw"}.get(Path(out).suffix, "flamegraph"), "--output", out, "--nonblocking"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -56,6 +56,9 @@ def summarise_runs(runs: list[dict]) -> dict:
         "p99": spread([r["added_ms"]["p99"] for r in runs])["median"],
         "p50_spread": spread([r["added_ms"]["p50"] for r in runs]),
         "p99_spread": spread([r["added_ms"]["p99"] for r in runs]),
+        "p50_ex_batching": spread([(r.get("added_ex_batching_ms") or r["added_ms"])["p50"] for r in runs])["median"],
+        "p99_ex_batching": spread([(r.get("added_ex_batching_ms") or r["added_ms"])["p99"] for r in runs])["median"],
+        "batching_wait_ms_mean": spread([r.get("batching_wait_ms_mean") for r in runs])["median"],
         "cpu_cores": spread([r["server_cpu_cores"] for r in runs])["median"],
         "turns": sum(r["turns"] for r in runs),
         "underruns": sum(r["underruns"] for r in runs),
@@ -67,22 +70,25 @@ def summarise_runs(runs: list[dict]) -> dict:
 
 
 def passes(summary: dict, baseline_p50: float, limit_ms: float = 20.0) -> dict:
-    """Capacity criteria: strict (p99 added < limit) and load-induced (p99 - 1-session p50 < limit)."""
+    """Capacity criteria: strict (p99 added < limit) and load-induced (p99 without the batching
+    wait, minus the 1-session p50 without it, < limit)."""
     healthy = summary["underruns"] == 0 and summary["missed_turns"] == 0 and summary["turns"] > 0
     p99 = summary["p99"] if summary["p99"] is not None else float("inf")
-    return {"strict": healthy and p99 < limit_ms, "relative": healthy and p99 - baseline_p50 < limit_ms}
+    p99_ex = summary.get("p99_ex_batching")
+    p99_ex = p99_ex if p99_ex is not None else p99
+    return {"strict": healthy and p99 < limit_ms, "relative": healthy and p99_ex - baseline_p50 < limit_ms}
 
 
 def stage_overhead(args, lat: Latencies, results: dict) -> None:
     mesh, pipecat, pipecat_defaults = {}, {}, {}
     with MeshUnderTest(lat, "0", "1") as under_test:
         for n in args.sessions:
-            runs = [under_test.run_load(n, args.duration) for _ in range(args.repeats)]
+            runs = [under_test.run_load(n, _duration(args, n)) for _ in range(args.repeats)]
             mesh[str(n)] = summarise_runs(runs)
             log(f"mesh      {n:4d} sessions: added p50 {mesh[str(n)]['p50']} ms, p99 {mesh[str(n)]['p99']} ms, "
                 f"cpu {mesh[str(n)]['cpu_cores']} cores, errors {mesh[str(n)]['session_errors']}")
     for n in args.sessions:
-        pipecat[str(n)] = summarise_runs([pipecat_run(n, args.duration, LEAN, lat, "0") for _ in range(args.repeats)])
+        pipecat[str(n)] = summarise_runs([pipecat_run(n, _duration(args, n), LEAN, lat, "0") for _ in range(args.repeats)])
         log(f"pipecat   {n:4d} sessions (lean): added p50 {pipecat[str(n)]['p50']} ms, p99 {pipecat[str(n)]['p99']} ms, "
             f"cpu {pipecat[str(n)]['cpu_cores']}")
         pipecat_defaults[str(n)] = summarise_runs([pipecat_run(n, args.duration, DEFAULTS, lat, "0")])
@@ -95,14 +101,19 @@ def stage_overhead(args, lat: Latencies, results: dict) -> None:
         n: {q: _ratio(mesh[n][q], pipecat[n][q]) for q in ("p50", "p99")} for n in mesh if n in pipecat}
 
 
+def _duration(args, sessions: int) -> float:
+    """A single session gives one turn per 4 s cycle: run it longer to have a p99 worth the name."""
+    return args.duration if sessions > 1 else max(args.duration, 24.0)
+
+
 def stage_capacity(args, lat: Latencies, results: dict) -> None:
     """Largest N passing, one core. Counts already measured by the overhead stage are reused."""
     def search(name: str, run_one, known: dict) -> dict:
         points = {int(n): s for n, s in known.items()}
-        baseline = (points.get(1) or {}).get("p50")
-        if baseline is None:
+        if (points.get(1) or {}).get("p50") is None:
             points[1] = run_one(1)
-            baseline = points[1]["p50"]
+        baseline = points[1].get("p50_ex_batching")
+        baseline = baseline if baseline is not None else points[1]["p50"]
         for n in args.capacity_steps:
             if n not in points:
                 if points and not passes(points[max(points)], baseline)["relative"]:
@@ -118,7 +129,8 @@ def stage_capacity(args, lat: Latencies, results: dict) -> None:
                 "cpu_cores_at_load_induced": cpu_at,
                 "sessions_per_full_core_extrapolated": int(relative / cpu_at) if cpu_at else None,
                 "baseline_p50_ms": baseline,
-                "points": {str(n): {"p50": s["p50"], "p99": s["p99"], "cpu_cores": s["cpu_cores"], "underruns": s["underruns"],
+                "points": {str(n): {"p50": s["p50"], "p99": s["p99"], "p99_ex_batching": s.get("p99_ex_batching"),
+                                    "cpu_cores": s["cpu_cores"], "underruns": s["underruns"],
                                     "missed_turns": s["missed_turns"], "session_errors": s["session_errors"],
                                     **verdicts[n]} for n, s in sorted(points.items())}}
 

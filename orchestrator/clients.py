@@ -42,3 +42,31 @@ class ServiceClients:
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self.channels.values()))
+
+
+class SerialStream:
+    """A bidi call that several tasks write to (audio, turn starts, finalize).
+
+    grpc.aio allows one write in flight per call; a second concurrent write fails inside
+    Core and ends the call with INTERNAL. Writes here queue on a lock instead. Reading and
+    cancelling go to the call itself."""
+
+    def __init__(self, call):
+        self.call = call
+        self._lock = asyncio.Lock()
+
+    async def write(self, message) -> None:
+        async with self._lock:
+            await self.call.write(message)
+
+    def __aiter__(self):
+        return self.call.__aiter__()
+
+    def cancel(self) -> bool:
+        return self.call.cancel()
+
+    def done(self) -> bool:
+        return self.call.done()
+
+    def cancelled(self) -> bool:
+        return self.call.cancelled()

@@ -16,7 +16,7 @@ import uuid
 import grpc
 import numpy as np
 
-from voicemesh.orchestrator.clients import ServiceClients
+from voicemesh.orchestrator.clients import SerialStream, ServiceClients
 from voicemesh.orchestrator.context import ConversationContext
 from voicemesh.orchestrator.playout import Playout
 from voicemesh.orchestrator.policies import MuteState, SessionTimers
@@ -34,6 +34,7 @@ FORWARD_MS = 60  # audio is batched to this size before it is forwarded (fewer m
 END_TIMEOUT_S = 30.0  # a graceful End never waits longer than this
 TICK_S = 0.1  # how often the session's timers are checked
 DEFAULT_TOOL_TIMEOUT_S = 10.0
+DTMF_DIGITS = set("0123456789*#ABCD")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer briefly, in plain spoken sentences."
 
 
@@ -114,8 +115,8 @@ class Session(TurnTaking):
     async def run(self, request_iterator) -> None:
         """Drive the session until it ends; events go to self.events, then None."""
         self._closed = asyncio.get_running_loop().create_future()
-        self.vad_call = self.clients.vad.Detect()
-        self.stt_call = self.clients.stt.Recognize()
+        self.vad_call = SerialStream(self.clients.vad.Detect())  # written by several tasks
+        self.stt_call = SerialStream(self.clients.stt.Recognize())
         tasks: list[asyncio.Task] = []
         try:
             await self._open_streams()
@@ -207,6 +208,12 @@ class Session(TurnTaking):
                     raise InvalidInput("Converse: text input is empty")
                 self.timers.activity()
                 self._text_turn(request.text.text)
+            elif kind == "dtmf":
+                if request.dtmf.digit not in DTMF_DIGITS:
+                    raise InvalidInput(f"Converse: dtmf digit {request.dtmf.digit!r} is not one of 0-9, *, #, A-D")
+                self.timers.activity()
+                self.emit(pb.ConverseResponse(dtmf=pb.DtmfReceived(
+                    digit=request.dtmf.digit, turn_number=self.turn.number if self.turn else 0)))
             elif kind == "tool_result":
                 self.timers.activity()
                 self.tools.resolve(request.tool_result)

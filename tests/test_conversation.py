@@ -244,3 +244,11 @@ async def test_transcript_and_streamed_stereo_recording(fake_mesh):
         # The user spoke before the bot: the left channel is loud first.
         first = lambda channel: int(np.argmax(np.abs(stereo[:, channel]) > 4000))  # noqa: E731
         assert first(0) < first(1)
+
+
+async def test_dtmf_reaches_the_session(fake_mesh):
+    async with ConverseProbe(fake_mesh) as probe:
+        for digit in "4#":
+            await probe.send(pb.ConverseRequest(dtmf=pb.DtmfInput(digit=digit)))
+        await probe.wait_for(lambda e: len(probe.of("dtmf")) == 2)
+        assert [d.digit for d in probe.of("dtmf")] == ["4", "#"]

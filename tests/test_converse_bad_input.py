@@ -49,6 +49,8 @@ CASES = {
         [_config(input_format=PCM16_16K), _audio(b"\x00\x00" * 20000)], grpc.StatusCode.INVALID_ARGUMENT, "longer than 1 s"),
     "message over the transport limit": (
         [_config(input_format=PCM16_16K), _audio(b"\x00\x00" * (3 << 20))], grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+    "unknown dtmf digit": (
+        [_config(input_format=PCM16_16K), pb.ConverseRequest(dtmf=pb.DtmfInput(digit="x"))], grpc.StatusCode.INVALID_ARGUMENT, "dtmf digit"),
     "config twice": (
         [_config(input_format=PCM16_16K), _config(input_format=PCM16_16K)], grpc.StatusCode.INVALID_ARGUMENT, "may only be sent once"),
     "audio after end": (

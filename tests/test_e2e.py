@@ -57,3 +57,18 @@ def test_two_turn_conversation_keeps_history(real_mesh):
     transcripts = " ".join(t.user_transcript for t in result.turns).lower()
     assert "france" in transcripts and "japan" in transcripts
     assert all(t.bot_text for t in result.turns)
+
+
+def test_barge_in_on_the_embedded_models(real_mesh):
+    """The user talks over the bot's answer: the answer is cut, and the new question answered."""
+    from voicemesh.talk import talk_session
+    from voicemesh.wavio import load_for_sending
+    import asyncio
+
+    result = asyncio.run(talk_session(real_mesh.orchestrator_address, load_for_sending(FIXTURES / "barge_in.wav")))
+    assert len(result.turns) >= 2, result.to_json()
+    first, last = result.turns[0], result.turns[-1]
+    assert "paris" in first.user_transcript.lower()
+    assert first.interrupted, result.to_json()
+    assert "berlin" in last.user_transcript.lower()
+    assert not last.interrupted and last.bot_text

@@ -48,9 +48,11 @@ async def test_text_turn_events_audio_and_clean_close(transport):
         await client.ws.send_str(json.dumps({"type": "end"}))
         assert await client.wait_closed() == (1000, "session ended: ended")
         assert client.types() == ["session_started", "turn_started", "user_transcript", "speaking", "bot_text",
-                                  "speaking", "turn_ended", "session_ended"]
+                                  "speaking", "turn_ended", "metrics", "session_ended"]
         assert [e["text"] for e in client.of("bot_text")] == ["You said: hello there."]
         assert ended["interrupted"] is False and ended["turn"] == 1
+        metrics = client.of("metrics")[0]  # asked for by default: the page draws its TTFB waterfall
+        assert metrics["turn_number"] == 1 and set(metrics["ttfb_ms"]) >= {"llm", "tts"}
         # The fake TTS makes 20 ms of 440 Hz tone per character, here as 24 kHz PCM16.
         pcm = np.frombuffer(b"".join(client.audio), dtype="<i2")
         assert len(pcm) / 24000 == pytest.approx(len("You said: hello there.") * 0.020, abs=0.05)

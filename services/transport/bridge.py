@@ -211,6 +211,9 @@ class ConverseBridge:
                 self._bot_speaking = False
             elif response.speaking.kind == Speaking.KIND_USER_STARTED and self._bot_speaking:
                 await self._clear(self._playing_turn)  # barge-in: stop playback at once
+        elif kind == "clear_playback":  # the orchestrator's own barge-in signal
+            await self._clear(response.clear_playback.turn_number)
+            return
         elif kind == "turn_ended" and response.turn_ended.interrupted:
             await self._clear(response.turn_ended.turn_number)
         elif kind == "error" and response.error.fatal:

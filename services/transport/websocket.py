@@ -50,6 +50,7 @@ def session_config(start: dict, settings, client: str) -> pb.SessionConfig:
         voice=start.get("voice") or settings.voice,
         language=start.get("language", ""),
         interim_transcripts=bool(start.get("interim_transcripts", True)),
+        metrics=bool(start.get("metrics", True)),  # per-turn TTFB for the page's waterfall
         metadata={**metadata, "client": client},
     )
 

@@ -72,7 +72,7 @@ function turnItem(turn) {
   if (!li) {
     li = document.createElement("li");
     li.dataset.turn = turn;
-    li.innerHTML = `<span class="summary">turn ${turn}: listening…</span><div class="waterfall"></div>`;
+    li.innerHTML = `<span class="summary">turn ${turn}: listening…</span><div class="waterfall">per-service TTFB: not reported</div>`;
     $("turns").appendChild(li);
   }
   return li;
@@ -89,7 +89,8 @@ function drawWaterfall(li, metrics) {
   } else if (source && typeof source === "object") {
     entries = Object.entries(source).filter(([, v]) => typeof v === "number");
   }
-  entries = entries.filter(([name, ms]) => name && ms >= 0);
+  const order = (name) => ((i) => (i < 0 ? 9 : i))(["stt", "llm", "tts"].indexOf(name));
+  entries = entries.filter(([name, ms]) => name && ms >= 0).sort((a, b) => order(a[0]) - order(b[0]));
   if (!entries.length) {
     box.textContent = "per-service TTFB: not reported";
     return;
@@ -147,7 +148,7 @@ function onEvent(ev) {
       li.querySelector(".summary").innerHTML =
         `turn ${ev.turn}: <b>${latency}</b>, ${ev.duration_s.toFixed(1)} s` +
         (ev.interrupted ? ' <span class="interrupted">(interrupted)</span>' : "");
-      drawWaterfall(li, ev.metrics);
+      if (ev.metrics) drawWaterfall(li, ev.metrics);
       break;
     }
     case "metrics":
