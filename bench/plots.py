@@ -33,7 +33,8 @@ def added_latency(results: dict, out: Path) -> None:
             xs = sorted(int(n) for n in data)
             if xs:
                 _errorbar(ax, xs, [data[str(n)] for n in xs], key, label)
-        ax.set(title=f"added latency per turn, {key}", xlabel="concurrent sessions", ylabel="ms")
+        ax.set(title=f"added latency per turn, {key}", xlabel="concurrent sessions", ylabel="ms (symlog)")
+        ax.set_yscale("symlog", linthresh=1)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -78,10 +78,11 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += ["", f"Voice-to-voice, embedded stack, 2 cores ({v2v['detail']['ok_runs']} turns): p50 {_fmt(v2v['p50'])} ms, "
                   f"p90 {_fmt(v2v['p90'])} ms. Breakdown (p50, ms):", "",
                   "| VAD stop wait | end-of-turn decision | STT final | reply after final (seen) | LLM first token (direct) "
-                  "| TTS first audio (direct) | mesh hops (fake mesh, 1 session) |", "|---|---|---|---|---|---|---|",
+                  "| TTS first audio (direct) | mesh hops (fake mesh, 1 session) | 60 ms batching wait (mean) |",
+                  "|---|---|---|---|---|---|---|---|",
                   f"| {_fmt(b['vad_stop_wait'])} | {_fmt(b['end_of_turn_decision'])} | {_fmt(b['stt_final'])} "
                   f"| {_fmt(b['reply_after_final_seen'])} | {_fmt(b['llm_first_token'])} | {_fmt(b['tts_first_audio'])} "
-                  f"| {_fmt(b['mesh_hops_fake_mesh_1_session'])} |"]
+                  f"| {_fmt(b['mesh_hops_fake_mesh_1_session'])} | {_fmt(b.get('batching_wait_mean'))} |"]
     barge = results.get("bargein_ms")
     if barge:
         lines += ["", f"Barge-in ({barge['ok_runs']} runs, start_secs {barge['start_secs']}): onset of user speech to "
@@ -89,3 +90,11 @@ def write_markdown(results: dict, path: Path) -> None:
                   f"last bot audio arrival {_fmt(barge.get('stream_stop_p50'))} ms; interruption event {_fmt(barge['signal_p50'])} ms; "
                   f"end of the audio already received, for a client that does not flush: {_fmt(barge['audible_without_flush_p50'])} ms."]
     path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":  # regenerate latest.md from a latest.json
+    import json
+    import sys
+
+    source = Path(sys.argv[1])
+    write_markdown(json.loads(source.read_text()), source.with_suffix(".md"))

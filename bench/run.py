@@ -132,6 +132,7 @@ def stage_capacity(args, lat: Latencies, results: dict) -> None:
                 "points": {str(n): {"p50": s["p50"], "p99": s["p99"], "p99_ex_batching": s.get("p99_ex_batching"),
                                     "cpu_cores": s["cpu_cores"], "underruns": s["underruns"],
                                     "missed_turns": s["missed_turns"], "session_errors": s["session_errors"],
+                                    "load_side_lag_p99_ms": s.get("client_lag_p99_ms"),
                                     **verdicts[n]} for n, s in sorted(points.items())}}
 
     with MeshUnderTest(lat, "0", "1") as under_test:
@@ -197,7 +198,7 @@ def stage_embedded(args, results: dict) -> None:
 def _breakdown(v2v: dict, results: dict) -> dict:
     seen = v2v["breakdown_p50"]
     direct = v2v["stage_costs_direct"]
-    hops = (results.get("mesh_added_latency_ms", {}).get("1") or {}).get("p50")
+    one = results.get("mesh_added_latency_ms", {}).get("1") or {}
     return {
         "vad_stop_wait": seen["vad_stop_wait_ms"],
         "end_of_turn_decision": 0.0,  # the VAD stop is the end-of-turn decision (no turn model yet)
@@ -205,7 +206,8 @@ def _breakdown(v2v: dict, results: dict) -> dict:
         "llm_first_token": direct["llm_first_token_ms"],
         "tts_first_audio": direct["tts_first_audio_ms"],
         "reply_after_final_seen": seen["reply_after_final_ms"],
-        "mesh_hops_fake_mesh_1_session": hops,
+        "mesh_hops_fake_mesh_1_session": one.get("p50_ex_batching"),
+        "batching_wait_mean": one.get("batching_wait_ms_mean"),
         "note": "vad_stop_wait, stt_final and reply_after_final_seen are client-visible and add up to the total; "
                 "llm_first_token and tts_first_audio are the services called directly: in the pipeline they run "
                 "speculatively inside the VAD stop wait. Per-stage server timestamps need the metrics events.",

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="embedded model files")
     models.add_argument("action", choices=["setup", "list"])
     models.add_argument("--force", action="store_true", help="re-join even if present")
-    sub.add_parser("bench", help="run the benchmarks (bench/README.md); options after `--`", add_help=False)
+    sub.add_parser("bench", help="run the benchmarks, from the repository root (bench/README.md)", add_help=False)
 
     if argv and argv[0] == "bench":  # the bench lives in the repository, not in the package
         sys.path.insert(0, os.getcwd())
