@@ -30,7 +30,7 @@ from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, stt_pb2, vad_pb2
 
 log = logging.getLogger("voicemesh.session")
 PIPELINE_RATE_HZ = 16000  # the orchestrator feeds VAD and STT PCM16 mono at this rate
-FORWARD_MS = 60  # audio is batched to this size before it is forwarded (fewer messages)
+FORWARD_MS = 40  # audio is batched to this size before it is forwarded (fewer messages, little wait)
 END_TIMEOUT_S = 30.0  # a graceful End never waits longer than this
 TICK_S = 0.1  # how often the session's timers are checked
 DEFAULT_TOOL_TIMEOUT_S = 10.0
