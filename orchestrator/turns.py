@@ -220,9 +220,11 @@ class TurnTaking:
         await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=context))
 
     def _barge_words(self, text: str) -> None:
-        """A transcript of speech over the bot: interrupt once it has min_words words."""
+        """A transcript of speech over the bot: interrupt once it has min_words words (or at
+        once if the bot has finished meanwhile: then it is simply the user's next turn)."""
         barge = self.barge
-        if barge is None or len(text.split()) < self.config.interruptions.min_words:
+        words = len(text.split())
+        if barge is None or not words or (self._bot_replying() and words < self.config.interruptions.min_words):
             return
         self.barge = None
         turn = self._new_turn(barge.started_at, turn_id=barge.turn_id)  # interrupts the bot
