@@ -7,10 +7,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
+from voicemesh.launcher import stop_process, wait_for_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = ROOT / "bench" / "results" / "logs"
@@ -47,23 +46,17 @@ class Procs:
     def serve_fakes(self, services: str, port: int, env: dict, cores: str | None) -> subprocess.Popen:
         proc = self.start(f"fakes-{services.replace(',', '-')}",
                           [sys.executable, "-m", "bench.fakes", "--port", str(port), "--services", services], env, cores)
-        wait_port(port, proc)
+        wait_for_port(port, proc)
         return proc
 
     def serve_orchestrator(self, port: int, env: dict, cores: str | None) -> subprocess.Popen:
         argv = [sys.executable, "-m", "voicemesh.cli", "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port)]
         proc = self.start("orchestrator", argv, env, cores)
-        wait_serving(f"127.0.0.1:{port}", proc)
+        wait_serving(f"127.0.0.1:{port}", proc, timeout=120)
         return proc
 
     def stop(self, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc, timeout)
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -71,32 +64,3 @@ class Procs:
         self.procs.clear()
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}; see {LOG_DIR}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listened on port {port} within {timeout} s")
-
-
-def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}; see {LOG_DIR}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{address} was not SERVING within {timeout} s")

@@ -37,7 +37,6 @@ class Turn:
     finalize_sent_at: float | None = None
     ttfb_ms: dict[str, float] = field(default_factory=dict)  # per service, for the Metrics event
     tts_characters: int = 0
-    bot_only: bool = False  # greeting, say or re-prompt: no user input in this turn
 
     @property
     def latency_ms(self) -> float:

@@ -107,7 +107,7 @@ class TurnTaking:
         """The bot speaks on its own (greeting, say, re-prompt): fixed text, or an LLM reply to
         the context plus an instruction that is not kept in the context."""
         turn = self._new_turn(time.monotonic())
-        turn.bot_only = turn.replying = True
+        turn.replying = True  # a bot-only turn: greeting, say or re-prompt
         reply = BotReply(self.reply_env, self.playout, turn)
         if text:
             work = reply.say(text)

@@ -123,8 +123,8 @@ def metadata_for(span: trace.Span) -> tuple[tuple[str, str], ...]:
 
 
 def traceparent_of(span: trace.Span) -> tuple[str, str]:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    """The span's W3C context as (traceparent, tracestate), for a TurnContext message."""
+    carrier = dict(metadata_for(span))
     return carrier.get("traceparent", ""), carrier.get("tracestate", "")
 
 

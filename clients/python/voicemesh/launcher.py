@@ -183,7 +183,7 @@ class Mesh:
                 if (crashed := self.exited()) is not None:  # any child, not only those awaited
                     raise MeshError(crashed.describe_exit())
                 for child in list(pending):
-                    if _is_serving(channels[child.kind]):
+                    if is_serving(channels[child.kind]):
                         child.ready_seconds = time.monotonic() - child.started_at
                         self.progress(f"{child.kind} is serving ({child.ready_seconds:.1f} s)")
                         pending.remove(child)
@@ -248,12 +248,51 @@ class Mesh:
         await asyncio.to_thread(self.stop)
 
 
-def _is_serving(channel: grpc.Channel) -> bool:
+def is_serving(channel: grpc.Channel) -> bool:
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
     except grpc.RpcError:
         return False  # not listening yet, or still loading
     return reply.status == SERVING
+
+
+# Single-process helpers, for tests and benchmarks that start processes one by one.
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0, host: str = "127.0.0.1") -> None:
+    """Until something listens on the port; fails at once if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listened on port {port} within {timeout} s")
+
+
+def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 180.0) -> None:
+    """Until grpc health reports SERVING; fails at once if `proc` (when given) exits first."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address, options=PROBE_OPTIONS) as channel:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process {proc.args} exited with {proc.returncode}")
+            if is_serving(channel):
+                return
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} was not SERVING within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM a process we started (by its pid), then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 def launch_mesh(ports: Mapping[str, int] | None = None, env: Mapping[str, str] | None = None, **options) -> Mesh:

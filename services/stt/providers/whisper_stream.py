@@ -124,18 +124,25 @@ class WhisperSttStream(SttStream):
             self._start_interim()
 
     def _track_pauses(self, pcm16: bytes) -> None:
+        """Update the loudest frame and the start of the current quiet run (runs per pushed chunk)."""
         frame = self._samples(QUIET_FRAME_MS)
         samples = np.frombuffer(pcm16, dtype="<i2")
+        count = len(samples) // frame
+        if not count:
+            return
+        frames = samples[: count * frame].reshape(count, frame).astype(np.float32)
+        rms = np.sqrt(np.einsum("ij,ij->i", frames, frames) / frame)
+        # The threshold grows with the loudest frame so far, this chunk's frames included in order.
+        peaks = np.maximum.accumulate(np.maximum(rms, self._peak_rms))
+        quiet = rms < np.maximum(QUIET_FLOOR_RMS, QUIET_RATIO * peaks)
+        self._peak_rms = float(peaks[-1])
         first = self._total - len(samples)
-        for index in range(len(samples) // frame):
-            chunk = samples[index * frame : (index + 1) * frame].astype(np.float32)
-            rms = float(np.sqrt(np.dot(chunk, chunk) / frame))
-            self._peak_rms = max(self._peak_rms, rms)
-            if rms < max(QUIET_FLOOR_RMS, QUIET_RATIO * self._peak_rms):
-                if self._quiet_since is None:
-                    self._quiet_since = first + index * frame
-            else:
-                self._quiet_since = None
+        if quiet.all():
+            if self._quiet_since is None:
+                self._quiet_since = first
+        else:
+            loud_last = count - 1 - int(np.argmin(quiet[::-1]))  # the last frame that was not quiet
+            self._quiet_since = first + (loud_last + 1) * frame if loud_last < count - 1 else None
 
     def _pause_needs_decode(self) -> bool:
         """The user has paused, and no decode (done or running) covers the speech before it."""
