@@ -46,13 +46,17 @@ gen: $(GEN)/.stamp
 
 models: .models/.stamp
 
-# Debian packages the tests and the espeak provider need (chromium: the browser tests).
+# Debian packages the tests and the espeak provider need (chromium, firefox-esr and pulseaudio,
+# headless Firefox's audio output: the browser tests).
 apt:
-	@command -v espeak-ng >/dev/null && command -v chromium >/dev/null || { \
+	@command -v espeak-ng >/dev/null && command -v chromium >/dev/null && command -v firefox-esr >/dev/null \
+		&& command -v pulseaudio >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng chromium; }
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng chromium \
+		firefox-esr pulseaudio; }
 
-# playwright-core (pinned in the lock file) drives Debian's chromium in the browser tests.
+# playwright-core drives Debian's chromium, puppeteer-core its firefox-esr in the browser tests
+# (both pinned in the lock file).
 tests/browser/node_modules/.stamp: tests/browser/package.json tests/browser/package-lock.json
 	cd tests/browser && npm ci --no-audit --no-fund
 	touch $@

@@ -39,12 +39,11 @@ def session_config(lat: Latencies, index: int) -> pb.ConverseRequest:
 
 
 async def run_session(channel, index: int, lat: Latencies, schedule: Schedule, stop_at: float, stats: SessionStats,
-                      started: asyncio.Event, forward_ms: int) -> None:
+                      started: asyncio.Event) -> None:
     call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Converse()
     speech, cycle, phase = schedule.speech_frames(), schedule.cycle_frames(), phase_frames(index, schedule)
     speech_data = speech_frame()
     bytes_per_second = 2 * OUT_RATE_HZ
-    stop_frames, batch = round(lat.vad_stop_s * 1000 / FRAME_MS), forward_ms // FRAME_MS
 
     async def read() -> None:
         async for response in call:
@@ -68,10 +67,6 @@ async def run_session(channel, index: int, lat: Latencies, schedule: Schedule, s
                 data=speech_data if position < speech else SILENCE_FRAME, seq=frame, offset_ms=frame * FRAME_MS)))
             if position == speech - 1:
                 stats.speech_ends.append(time.monotonic())
-                # The frame that completes the VAD's stop wait sits in the orchestrator's batch
-                # until the batch is full (FORWARD_MS, counted from the session's first frame).
-                deciding = frame + stop_frames
-                stats.batch_waits.append((batch - 1 - deciding % batch) * FRAME_MS)
             frame += 1
             await asyncio.sleep(max(0.0, start + frame * FRAME_MS / 1000 - time.monotonic()))
     except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, asyncio.TimeoutError) as err:
@@ -104,7 +99,7 @@ async def main(args) -> dict:
     tasks = []
     for index in range(args.sessions):  # ramp the sessions up instead of opening all at once
         tasks.append(asyncio.create_task(run_session(
-            channels[index // args.per_channel], index, lat, schedule, stop_at, stats[index], started[index], args.forward_ms)))
+            channels[index // args.per_channel], index, lat, schedule, stop_at, stats[index], started[index])))
         await asyncio.sleep(args.ramp / max(1, args.sessions))
     measure_from = time.monotonic() + schedule.warmup_s
     lags: list[float] = []
@@ -125,5 +120,4 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--jitter-ms", type=float, default=20.0)
     parser.add_argument("--per-channel", type=int, default=1, help="sessions sharing one client channel")
-    parser.add_argument("--forward-ms", type=int, default=60, help="the orchestrator's audio batch (FORWARD_MS)")
     print(json.dumps(uvloop.run(main(parser.parse_args()))))

@@ -42,29 +42,29 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += ["", "Added latency per turn (ms; end of user speech to first bot audio, minus the fakes' "
                   f"{results['latencies_of_fakes']['total_ms']:.0f} ms), median of repeated runs (min–max); "
                   "server process pinned to one core:", "",
-                  "| sessions | mesh p50 | mesh p99 | mesh p50 / p99 without the batching wait | Pipecat lean p50 "
+                  "| sessions | mesh p50 | mesh p99 | Pipecat lean p50 "
                   "| Pipecat lean p99 | mesh/Pipecat p50 | mesh/Pipecat p99 "
                   "| Pipecat defaults p50 / p99 | CPU mesh / Pipecat lean (cores) | mesh session errors |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for n in mesh:
             a, b, d = mesh[n], pipecat.get(n, {}), defaults.get(n, {})
             r = ratio.get(n, {})
             lines.append(f"| {n} | {_spread(a, 'p50')} | {_spread(a, 'p99')} "
-                         f"| {_fmt(a.get('p50_ex_batching'))} / {_fmt(a.get('p99_ex_batching'))} | {_spread(b, 'p50')} | {_spread(b, 'p99')} "
+                         f"| {_spread(b, 'p50')} | {_spread(b, 'p99')} "
                          f"| {_fmt(r.get('p50'))} | {_fmt(r.get('p99'))} | {_fmt(d.get('p50'))} / {_fmt(d.get('p99'))} "
                          f"| {_cpu(a.get('cpu_cores'))} / {_cpu(b.get('cpu_cores'))} | {a.get('session_errors')} |")
     caps = [(name, results.get(key)) for name, key in (("orchestrator (mesh)", "orchestrator_capacity"),
                                                        ("Pipecat, lean", "pipecat_lean_capacity"),
                                                        ("Pipecat, defaults", "pipecat_defaults_capacity"))]
     if any(c for _, c in caps):
-        lines += ["", "Real-time sessions on one core (largest N tried with no underruns or missed turns and p99 added "
-                  "latency < 20 ms; load-induced: p99 minus the 1-session p50 < 20 ms, both without the mesh's batching wait):", "",
-                  "| side | strict | load-induced | CPU at that N (cores) | N per full core, extrapolated |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Real-time sessions on one core (largest N tried with every turn answered, no underruns and p99 "
+                  "added latency < 20 ms):", "",
+                  "| side | sessions per core | CPU at that N (cores) | N per full core, extrapolated |",
+                  "|---|---|---|---|"]
         for name, cap in caps:
             if cap:
-                lines.append(f"| {name} | {cap['sessions_per_core']} | {cap['sessions_per_core_load_induced']} "
-                             f"| {_cpu(cap['cpu_cores_at_load_induced'])} | {_fmt(cap['sessions_per_full_core_extrapolated'])} |")
+                lines.append(f"| {name} | {cap['sessions_per_core']} | {_cpu(cap['cpu_cores_at_best'])} "
+                             f"| {_fmt(cap['sessions_per_full_core_extrapolated'])} |")
     vad = results.get("vad_capacity")
     if vad:
         lines += ["", "VAD service (Silero), one core: SpeechStopped event latency by stream count:", "",
@@ -78,11 +78,11 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += ["", f"Voice-to-voice, embedded stack, 2 cores ({v2v['detail']['ok_runs']} turns): p50 {_fmt(v2v['p50'])} ms, "
                   f"p90 {_fmt(v2v['p90'])} ms. Breakdown (p50, ms):", "",
                   "| VAD stop wait | end-of-turn decision | STT final | reply after final (seen) | LLM first token (direct) "
-                  "| TTS first audio (direct) | mesh hops (fake mesh, 1 session) | 60 ms batching wait (mean) |",
-                  "|---|---|---|---|---|---|---|---|",
+                  "| TTS first audio (direct) | mesh hops (fake mesh, 1 session) |",
+                  "|---|---|---|---|---|---|---|",
                   f"| {_fmt(b['vad_stop_wait'])} | {_fmt(b['end_of_turn_decision'])} | {_fmt(b['stt_final'])} "
                   f"| {_fmt(b['reply_after_final_seen'])} | {_fmt(b['llm_first_token'])} | {_fmt(b['tts_first_audio'])} "
-                  f"| {_fmt(b['mesh_hops_fake_mesh_1_session'])} | {_fmt(b.get('batching_wait_mean'))} |"]
+                  f"| {_fmt(b['mesh_hops_fake_mesh_1_session'])} |"]
     barge = results.get("bargein_ms")
     if barge:
         lines += ["", f"Barge-in ({barge['ok_runs']} runs, start_secs {barge['start_secs']}): onset of user speech to "

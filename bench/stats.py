@@ -81,7 +81,6 @@ class SessionStats:
 
     def __init__(self, jitter_s: float):
         self.speech_ends: list[float] = []  # monotonic time the k-th burst's last frame was written
-        self.batch_waits: list[float] = []  # ms the k-th stop-deciding frame waited in a server-side batch
         self.first_audio: dict[int, float] = {}
         self.playback: dict[int, Playback] = {}
         self.jitter_s = jitter_s
@@ -98,7 +97,7 @@ def summarise(stats: list[SessionStats], fakes_total_ms: float, measure_from: fl
               wall: float, lags: list[float]) -> dict:
     """One run's figures: turn latencies (k-th burst <-> turn k) inside the measured window,
     added latency (minus the fakes' own), underruns, errors, and the measuring side's health."""
-    latencies, waits, underruns, chunks, missed, errors = [], [], 0, 0, 0, []
+    latencies, underruns, chunks, missed, errors = [], 0, 0, 0, []
     for session in stats:
         if session.error:  # counted as an error; its later turns are not "missed"
             errors.append(session.error)
@@ -109,19 +108,15 @@ def summarise(stats: list[SessionStats], fakes_total_ms: float, measure_from: fl
                 missed += not session.error
                 continue
             latencies.append((session.first_audio[k] - end) * 1000)
-            waits.append(session.batch_waits[k - 1] if len(session.batch_waits) >= k else 0.0)
             underruns += session.playback[k].underruns
         chunks += session.chunks
     added = [value - fakes_total_ms for value in latencies]
-    unbatched = [value - wait for value, wait in zip(added, waits, strict=True)]
     return {
         "sessions": len(stats),
         "turns": len(latencies),
         "missed_turns": missed,
         "latency_ms": {"p50": _r(percentile(latencies, 50)), "p99": _r(percentile(latencies, 99))},
         "added_ms": {"p50": _r(percentile(added, 50)), "p90": _r(percentile(added, 90)), "p99": _r(percentile(added, 99))},
-        "added_ex_batching_ms": {"p50": _r(percentile(unbatched, 50)), "p99": _r(percentile(unbatched, 99))},
-        "batching_wait_ms_mean": _r(sum(waits) / len(waits)) if waits else None,
         "added_samples": [round(v, 2) for v in added],
         "underruns": underruns,
         "audio_chunks": chunks,

@@ -61,7 +61,8 @@ async def stream(stub, index: int, audio: np.ndarray, stop_secs: float, stop_at:
     reader = asyncio.create_task(read())
     try:
         fmt = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=RATE, channels=1)
-        await call.write(vad_pb2.DetectRequest(config=vad_pb2.VadConfig(format=fmt, start_secs=0.16, stop_secs=stop_secs)))
+        await call.write(vad_pb2.DetectRequest(config=vad_pb2.VadConfig(
+            format=fmt, start_secs=0.16, stop_secs=stop_secs, smart_turn=False)))  # Silero alone
         start, sent = time.monotonic(), 0
         while time.monotonic() < stop_at:
             in_cycle = (phase + sent * chunk) % cycle

@@ -34,10 +34,17 @@ class Playout:
         self._clock_start: float | None = None  # wall time of the current reply's first sample
         self._sent_seconds = 0.0
         self._generation = 0  # bumped by clear(), so a chunk caught mid-wait is dropped too
+        self._waiting = False  # run() holds a chunk until its time comes
         self.on_first_audio: Callable[[int], None] = lambda turn_number: None
 
     def audio(self, message: pb.ConverseResponse, seconds: float, turn_number: int) -> None:
-        self._queue.put_nowait(_Audio(message, seconds, turn_number))
+        item = _Audio(message, seconds, turn_number)
+        # Nothing queued and within the lead (always true of a reply's first chunk): send it
+        # now rather than through run()'s task, one event-loop hop sooner.
+        if not self._waiting and self._queue.empty() and self._delay(item) <= 0:
+            self._send_audio(item)
+        else:
+            self._queue.put_nowait(item)
 
     def marker(self, fire: Callable[[], None]) -> None:
         self._queue.put_nowait(_Marker(fire))
@@ -63,20 +70,31 @@ class Playout:
             if isinstance(item, _Marker):
                 item.fire()
                 continue
-            now = time.monotonic()
-            if self._clock_start is None or now > self._clock_start + self._sent_seconds:
-                # Starting, or the producer fell behind real time: restart the clock now.
-                if self._clock_start is None:
-                    self.on_first_audio(item.turn_number)
-                self._clock_start, self._sent_seconds = now, 0.0
-            delay = self._clock_start + self._sent_seconds - self._lead - now
+            delay = self._delay(item)
             if delay > 0:
                 generation = self._generation
-                await asyncio.sleep(delay)
+                self._waiting = True
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._waiting = False
                 if generation != self._generation:
                     continue
-            self._send(item.message)
-            self._sent_seconds += item.seconds
+            self._send_audio(item)
+
+    def _delay(self, item: _Audio) -> float:
+        """Seconds until `item` may leave (the clock runs `lead` ahead of real time)."""
+        now = time.monotonic()
+        if self._clock_start is None or now > self._clock_start + self._sent_seconds:
+            # Starting, or the producer fell behind real time: restart the clock now.
+            if self._clock_start is None:
+                self.on_first_audio(item.turn_number)
+            self._clock_start, self._sent_seconds = now, 0.0
+        return self._clock_start + self._sent_seconds - self._lead - now
+
+    def _send_audio(self, item: _Audio) -> None:
+        self._send(item.message)
+        self._sent_seconds += item.seconds
 
     def reset_clock(self) -> None:
         """The reply is over: the next audio starts a new clock (and a new first-audio event)."""

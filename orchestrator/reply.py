@@ -35,6 +35,7 @@ class Turn:
     speculation: "Speculation | None" = None  # a reply started at a pause, not yet confirmed
     span: object = None  # the turn's span (opentelemetry Span)
     finalize_sent_at: float | None = None
+    calls: "ReplyCalls | None" = None  # LLM and TTS calls opened at the user's stop, before the final
     ttfb_ms: dict[str, float] = field(default_factory=dict)  # per service, for the Metrics event
     tts_characters: int = 0
 
@@ -43,6 +44,28 @@ class Turn:
         if self.user_end_at is None or self.first_audio_at is None:
             return 0.0
         return max(0.0, (self.first_audio_at - self.user_end_at) * 1000)
+
+
+@dataclass
+class ReplyCalls:
+    """A reply's Generate and Synthesize calls. Opened while the final transcript is on its
+    way, so call setup (headers, the services' handlers starting) is off the critical path."""
+
+    llm: object
+    tts: object
+
+    @classmethod
+    def open(cls, clients: ServiceClients, metadata: tuple[tuple[str, str], ...]) -> "ReplyCalls":
+        return cls(llm=clients.llm.Generate(metadata=metadata), tts=clients.tts.Synthesize(metadata=metadata))
+
+    def cancel(self) -> None:
+        self.llm.cancel()
+        self.tts.cancel()
+
+
+def call_metadata(turn: Turn, speculative: bool) -> tuple[tuple[str, str], ...]:
+    # Per-turn calls carry the turn's trace context, so their service spans join the turn.
+    return telemetry.metadata_for(turn.span) + (("voicemesh-speculative", "1" if speculative else "0"),)
 
 
 @dataclass
@@ -90,8 +113,7 @@ class BotReply:
         self._tts_text_sent_at: float | None = None
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        # Per-turn calls carry the turn's trace context, so their service spans join the turn.
-        return telemetry.metadata_for(self.turn.span) + (("voicemesh-speculative", "1" if self.speculative else "0"),)
+        return call_metadata(self.turn, self.speculative)
 
     async def say(self, text: str) -> None:
         """Speak fixed text (greeting, say, re-prompt): TTS only."""
@@ -111,20 +133,20 @@ class BotReply:
             voice=self.config.voice, format=self.output_format, language=self.config.language,
             session_id=self.config.session_id, turn_id=self.turn.turn_id))
 
-    async def run(self, messages: list[llm_pb2.ChatMessage]) -> None:
+    async def run(self, messages: list[llm_pb2.ChatMessage], calls: ReplyCalls | None = None) -> None:
         session_id = self.config.session_id
-        metadata = self._metadata()
-        tts_call = self.clients.tts.Synthesize(metadata=metadata)
-        llm_call = self.clients.llm.Generate(metadata=metadata)
+        calls = calls or ReplyCalls.open(self.clients, self._metadata())
+        llm_call, tts_call = calls.llm, calls.tts
         self._llm_started = time.monotonic()
         try:
-            await tts_call.write(self._tts_config())
             chat = llm_pb2.ChatRequest(
                 messages=messages, params=self.config.llm_params, session_id=session_id, turn_id=self.turn.turn_id,
                 tools=self.config.tools.tools,
             )
+            # The LLM request first: it is on the critical path; TTS is set up while the LLM thinks.
             # The request stream stays open: tool results go back on it (see _write_sentences).
             await llm_call.write(llm_pb2.GenerateRequest(chat=chat))
+            await tts_call.write(self._tts_config())
             speaker = asyncio.ensure_future(self._play(tts_call))
             try:
                 await self._write_sentences(llm_call, tts_call)

@@ -7,7 +7,6 @@ handler drains, so the caller sees one ordered stream.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import sys
 import logging
 import time
@@ -17,6 +16,7 @@ import grpc
 import numpy as np
 
 from voicemesh.orchestrator.clients import SerialStream, ServiceClients
+from voicemesh.orchestrator.forwarding import CallerAudio
 from voicemesh.orchestrator.context import ConversationContext
 from voicemesh.orchestrator.playout import Playout
 from voicemesh.orchestrator.policies import MuteState, SessionTimers
@@ -30,7 +30,6 @@ from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, stt_pb2, vad_pb2
 
 log = logging.getLogger("voicemesh.session")
 PIPELINE_RATE_HZ = 16000  # the orchestrator feeds VAD and STT PCM16 mono at this rate
-FORWARD_MS = 40  # audio is batched to this size before it is forwarded (fewer messages, little wait)
 END_TIMEOUT_S = 30.0  # a graceful End never waits longer than this
 TICK_S = 0.1  # how often the session's timers are checked
 DEFAULT_TOOL_TIMEOUT_S = 10.0
@@ -55,8 +54,9 @@ def _validate(config: pb.SessionConfig) -> None:
         raise InvalidInput("Converse: vad options out of range (confidence, min_volume 0-1; start_secs 0-5; stop_secs 0-10)")
     if not (0 <= turn.smart_turn_threshold <= 1 and 0 <= turn.max_silence_secs <= 30 and 0 <= turn.final_transcript_timeout_secs <= 30):
         raise InvalidInput("Converse: turn options out of range (smart_turn_threshold 0-1; max_silence_secs, final_transcript_timeout_secs 0-30)")
-    stop_secs = vad.stop_secs or (0.2 if turn.smart_turn else 0.8)
-    if turn.smart_turn and turn.max_silence_secs and turn.max_silence_secs < stop_secs:
+    smart_turn = turn.smart_turn if turn.HasField("smart_turn") else True  # unset: on where the VAD has the model
+    stop_secs = vad.stop_secs or (0.2 if smart_turn else 0.8)
+    if smart_turn and turn.max_silence_secs and turn.max_silence_secs < stop_secs:
         raise InvalidInput(f"Converse: turn.max_silence_secs ({turn.max_silence_secs}) must be at least vad.stop_secs ({stop_secs})")
     lifecycle = config.lifecycle
     if min(lifecycle.idle_timeout_secs, lifecycle.user_idle_secs, lifecycle.max_duration_secs, config.tools.timeout_secs) < 0:
@@ -89,9 +89,6 @@ class Session(TurnTaking):
         self.reply_env = ReplyEnv(clients, self.config, self.output_format, self.bytes_per_second, self.emit, self.tools, self.context)
         self.recorder = _recorder(config, self.emit, self.output_format)
         self.ending = False
-        self._pending = np.zeros(0, dtype=np.int16)
-        self._forwarded = 0  # samples sent to VAD/STT so far
-        self._arrivals: list[tuple[int, float]] = []  # (end offset in samples, arrival time)
         self.tracing = SessionTracing(self.session_id, client_metadata, dict(config.metadata))
 
     @property
@@ -117,6 +114,7 @@ class Session(TurnTaking):
         self._closed = asyncio.get_running_loop().create_future()
         self.vad_call = SerialStream(self.clients.vad.Detect())  # written by several tasks
         self.stt_call = SerialStream(self.clients.stt.Recognize())
+        self.caller_audio = CallerAudio(self.vad_call, self.stt_call, PIPELINE_RATE_HZ)
         tasks: list[asyncio.Task] = []
         try:
             await self._open_streams()
@@ -166,13 +164,13 @@ class Session(TurnTaking):
     async def _open_streams(self) -> None:
         stream_format = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=PIPELINE_RATE_HZ, channels=1)
         vad, turn = self.config.vad, self.config.turn
-        # Smart Turn judges each short pause, so the VAD may call a pause after 0.2 s.
-        stop_secs = vad.stop_secs or (0.2 if turn.smart_turn else 0.0)
+        # Unset smart_turn and stop_secs stay unset: the VAD service knows whether it has the
+        # model and picks stop_secs to match (0.2 s with it, 0.8 s without).
         await self.vad_call.write(vad_pb2.DetectRequest(config=vad_pb2.VadConfig(
             format=stream_format, confidence=vad.confidence, start_secs=vad.start_secs,
-            stop_secs=stop_secs, min_volume=vad.min_volume, session_id=self.session_id,
-            smart_turn=turn.smart_turn, smart_turn_threshold=turn.smart_turn_threshold,
-            max_silence_secs=turn.max_silence_secs)))
+            stop_secs=vad.stop_secs, min_volume=vad.min_volume, session_id=self.session_id,
+            smart_turn=turn.smart_turn if turn.HasField("smart_turn") else None,
+            smart_turn_threshold=turn.smart_turn_threshold, max_silence_secs=turn.max_silence_secs)))
         await self.stt_call.write(stt_pb2.RecognizeRequest(config=stt_pb2.SttConfig(
             format=stream_format, language=self.config.language, interim_results=self.config.interim_transcripts,
             pause_transcripts=True, session_id=self.session_id)))
@@ -230,9 +228,9 @@ class Session(TurnTaking):
             self.close(pb.SessionEnded.REASON_CANCELLED)
         elif action == "end" and not self.ending:
             self.ending = True
-            await self._flush_audio()
+            await self.caller_audio.flush()
             if self.user_speaking:  # no more audio will come to end the speech
-                await self._user_stopped(self._forwarded * 1000 // PIPELINE_RATE_HZ)
+                await self._user_stopped(self.caller_audio.received_ms)
             asyncio.ensure_future(self._graceful_end())
         elif action == "say":
             if not control.say.text.strip():
@@ -269,36 +267,13 @@ class Session(TurnTaking):
                 return
 
     async def _forward_audio(self, samples: np.ndarray) -> None:
-        """Batch caller audio into FORWARD_MS pieces and send each to VAD and STT."""
-        self._pending = np.concatenate((self._pending, samples)) if self._pending.size else samples
-        if len(self._pending) * 1000 >= FORWARD_MS * PIPELINE_RATE_HZ:
-            await self._flush_audio()
-
-    async def _flush_audio(self) -> None:
-        if not self._pending.size:
-            return
         if self.recorder:
-            self.recorder.user_audio(self._pending, time.monotonic())
+            self.recorder.user_audio(samples, time.monotonic())
         # Muted: VAD and STT get silence, so stream offsets stay aligned with real time.
-        pending = np.zeros_like(self._pending) if self.mute.muted() else self._pending
-        data = pending.astype("<i2", copy=False).tobytes()
-        offset_ms = self._forwarded * 1000 // PIPELINE_RATE_HZ
-        self._forwarded += len(self._pending)
-        self._pending = np.zeros(0, dtype=np.int16)
-        self._arrivals.append((self._forwarded, time.monotonic()))
-        if len(self._arrivals) > 2000:  # ~2 minutes of history is plenty to time a turn
-            del self._arrivals[:1000]
-        chunk = common_pb2.AudioChunk(data=data, offset_ms=offset_ms)
-        await self.vad_call.write(vad_pb2.DetectRequest(audio=chunk))
-        await self.stt_call.write(stt_pb2.RecognizeRequest(audio=chunk))
+        await self.caller_audio.push(np.zeros_like(samples) if self.mute.muted() else samples, self.user_speaking)
 
     def _arrival_time(self, offset_ms: int) -> float:
-        """When the audio at stream offset `offset_ms` reached the orchestrator."""
-        sample = offset_ms * PIPELINE_RATE_HZ // 1000
-        index = bisect.bisect_left(self._arrivals, (sample, 0.0))
-        if index >= len(self._arrivals):
-            return time.monotonic()
-        return self._arrivals[index][1]
+        return self.caller_audio.arrival_time(offset_ms)
 
     # ---- VAD and STT -----------------------------------------------------------------
     async def _read_vad(self) -> None:

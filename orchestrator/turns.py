@@ -13,7 +13,7 @@ import time
 import grpc
 
 from voicemesh.orchestrator.playout import HeldPlayout
-from voicemesh.orchestrator.reply import BotReply, Speculation, Turn, same_words
+from voicemesh.orchestrator.reply import BotReply, ReplyCalls, Speculation, Turn, call_metadata, same_words
 from voicemesh.orchestrator.tracing import metrics
 from voicemesh.runtime import telemetry
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, stt_pb2, vad_pb2
@@ -25,7 +25,7 @@ DEFAULT_FINAL_TIMEOUT_S = 2.0  # bounded wait for STT's final after the user sto
 
 class TurnTaking:
     """Mixin for Session. Expects: emit, playout, tracing, context, mute, timers, stt_call,
-    vad_call, config, reply_env, recorder, _arrival_time."""
+    vad_call, caller_audio, config, reply_env, recorder, _arrival_time."""
 
     turn: Turn | None = None
     barge: Turn | None = None  # user speech over the bot that has not yet earned an interruption
@@ -65,6 +65,9 @@ class TurnTaking:
         if turn.ended:
             return
         turn.ended = True
+        if turn.calls:
+            turn.calls.cancel()
+            turn.calls = None
         if turn.replying:
             spoken = " ".join(turn.spoken)
             self.context.add_assistant(spoken, interrupted=interrupted and bool(spoken))
@@ -129,7 +132,7 @@ class TurnTaking:
         if not text:
             if speculation:
                 speculation.task.cancel()
-            self._end_turn(turn, interrupted=False)  # noise, or nothing recognisable
+            self._end_turn(turn, interrupted=False)  # noise, or nothing recognisable (closes turn.calls)
             return
         turn.replying = True
         self.context.add_user(text)
@@ -138,12 +141,16 @@ class TurnTaking:
         if speculation and same_words(speculation.text, text):
             log.debug("turn %s: speculative reply confirmed", turn.turn_id)
             self.reply_task = speculation.task
+            if turn.calls:  # the speculation has its own
+                turn.calls.cancel()
+                turn.calls = None
             speculation.held.release()  # its audio, already synthesised, starts playing now
             return
         if speculation:
             speculation.task.cancel()
         reply = BotReply(self.reply_env, self.playout, turn)
-        self.reply_task = asyncio.ensure_future(self._finish_reply(reply.run(self.context.snapshot()), turn))
+        # turn.calls stays set, so that ending the turn closes them even if the reply never ran.
+        self.reply_task = asyncio.ensure_future(self._finish_reply(reply.run(self.context.snapshot(), turn.calls), turn))
 
     def _speculate(self, turn: Turn, text: str) -> None:
         """The user paused: start the reply now, hold its audio until the turn is confirmed."""
@@ -206,6 +213,9 @@ class TurnTaking:
             turn = self._new_turn(self._arrival_time(offset_ms))  # interrupts a reply in progress (barge-in)
         else:  # the user resumed before the turn was released: same turn, words still coming
             self._drop_speculation(turn)
+            if turn.calls:
+                turn.calls.cancel()
+                turn.calls = None
             if self._final_timer:
                 self._final_timer.cancel()
                 self._final_timer = None
@@ -233,6 +243,7 @@ class TurnTaking:
     async def _user_stopped(self, offset_ms: int) -> None:
         self.user_speaking = False
         if self.barge is not None:  # ask for its final: it may still reach min_words
+            await self.caller_audio.flush_stt(offset_ms)
             await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=self.barge.turn_id)))
             return
         turn = self.turn
@@ -243,7 +254,10 @@ class TurnTaking:
         self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STOPPED, turn_number=turn.number, offset_ms=offset_ms)))
         self.pending_finals += 1
         turn.finalize_sent_at = time.monotonic()
+        await self.caller_audio.flush_stt(offset_ms)
         await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=turn.turn_id)))
+        if turn.calls is None:
+            turn.calls = ReplyCalls.open(self.reply_env.clients, call_metadata(turn, speculative=False))
         # Bounded wait for the final transcript: release the turn with what we have.
         if self._final_timer:
             self._final_timer.cancel()

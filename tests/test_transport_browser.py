@@ -1,15 +1,17 @@
-"""Debian's headless chromium through the whole embedded mesh, via the transport's page.
+"""Debian's headless chromium and firefox-esr through the whole embedded mesh, via the transport's page.
 
 The fake microphone plays "What is the capital of France?" (tests/fixtures) in a loop; the
 page must show the user transcript and receive non-silent bot audio, measured in the page
-through Web Audio. Once over WebRTC and once over the WebSocket. Screenshots are saved
-under test-artifacts/.
+through Web Audio. Each browser once over WebRTC and once over the WebSocket. Screenshots are
+saved under test-artifacts/.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import time
 import wave
 from pathlib import Path
 
@@ -22,17 +24,46 @@ from transport_harness import start_transport
 
 pytestmark = [pytest.mark.e2e, pytest.mark.models]
 BROWSER_DIR = ROOT / "tests" / "browser"
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
+# browser: (driver in tests/browser, the browser it starts, the npm package the driver uses)
+BROWSERS = {
+    "chromium": ("drive.mjs", Path("/usr/bin/chromium"), "playwright-core"),
+    "firefox": ("drive_firefox.mjs", Path("/usr/bin/firefox-esr"), "puppeteer-core"),
+}
 
 
 @pytest.fixture(scope="module")
 def page_transport(real_mesh, tmp_path_factory):
-    if not CHROMIUM.exists() or not (BROWSER_DIR / "node_modules" / "playwright-core").exists():
-        pytest.fail("chromium or playwright-core missing: `make install` installs both (apt chromium, npm ci in tests/browser)")
     procs = Processes(tmp_path_factory.mktemp("transport-browser"))
     try:
         yield start_transport(procs, real_mesh.orchestrator_address)
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def sound_server(tmp_path_factory):
+    """PulseAudio with just a null sink, reached through a unix socket in a temporary folder:
+    headless Firefox never starts an AudioContext without an audio output device. Yields the
+    environment that points the browser at it."""
+    if not shutil.which("pulseaudio"):
+        pytest.fail("pulseaudio missing: `make install` installs it (apt)")
+    home = tmp_path_factory.mktemp("pulse")
+    socket_path = home / "native"
+    procs = Processes(home)
+    try:
+        # -n: no default.pa, so no TCP, no D-Bus, no hardware; never exits on its own.
+        proc = procs.start("pulseaudio", [
+            "pulseaudio", "-n", "--daemonize=no", "--use-pid-file=no", "--exit-idle-time=-1", "--realtime=no",
+            "--high-priority=no", "--log-target=stderr", "-L", "module-null-sink",
+            "-L", f"module-native-protocol-unix auth-anonymous=1 socket={socket_path}",
+        ], {"HOME": str(home), "XDG_RUNTIME_DIR": str(home), "XDG_CONFIG_HOME": str(home)})
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"pulseaudio did not start: {(home / 'pulseaudio.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield {"PULSE_SERVER": f"unix:{socket_path}", "PULSE_COOKIE": str(home / "cookie")}
     finally:
         procs.stop_all()
 
@@ -52,15 +83,21 @@ def fake_microphone_wav(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("mode", ["webrtc", "websocket"])
-def test_browser_talks_to_the_mesh(page_transport, mode, tmp_path):
-    screenshot = tmp_path / f"transport-{mode}.png"
+@pytest.mark.parametrize("browser", list(BROWSERS))
+def test_browser_talks_to_the_mesh(browser, mode, tmp_path, request):
+    driver, executable, package = BROWSERS[browser]
+    if not executable.exists() or not (BROWSER_DIR / "node_modules" / package).exists():
+        pytest.fail(f"{executable} or npm {package} missing: `make install` installs both (apt, npm ci in tests/browser)")
+    env = {**os.environ, **request.getfixturevalue("sound_server")} if browser == "firefox" else None
+    page_transport = request.getfixturevalue("page_transport")  # after the checks: it loads every model
+    screenshot = tmp_path / (f"transport-{mode}.png" if browser == "chromium" else f"transport-{browser}-{mode}.png")
     options = {
         "url": page_transport.http_url, "mode": mode, "wav": str(fake_microphone_wav(tmp_path / "mic.wav")),
         "screenshot": str(screenshot), "profile": str(tmp_path / "profile"), "timeoutMs": 120_000,
         "expect": ["capital", "france"], "minBotAudibleMs": 500,
     }
-    run = subprocess.run(["node", "drive.mjs", json.dumps(options)], cwd=BROWSER_DIR, capture_output=True, text=True,
-                         timeout=240)
+    run = subprocess.run(["node", driver, json.dumps(options)], cwd=BROWSER_DIR, capture_output=True, text=True,
+                         timeout=240, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     if screenshot.exists():

@@ -22,14 +22,19 @@ PROVIDERS = {"silero": "voicemesh.vad.providers.silero:SileroVadProvider"}
 _DEFAULTS = SegmenterParams()
 
 
-def segmenter_params(config: vad_pb2.VadConfig) -> SegmenterParams:
-    """Config values with zero meaning "default", range-checked."""
+SMART_TURN_STOP_SECS = 0.2  # with Smart Turn, a short pause is enough to ask the model
+
+
+def segmenter_params(config: vad_pb2.VadConfig, smart_turn_available: bool) -> SegmenterParams:
+    """Config values with zero meaning "default", range-checked. Smart Turn, unless the
+    stream says otherwise, is on whenever this service has the model."""
+    smart_turn = config.smart_turn if config.HasField("smart_turn") else smart_turn_available
     params = SegmenterParams(
         confidence=config.confidence or _DEFAULTS.confidence,
         start_secs=config.start_secs or _DEFAULTS.start_secs,
-        stop_secs=config.stop_secs or _DEFAULTS.stop_secs,
+        stop_secs=config.stop_secs or (SMART_TURN_STOP_SECS if smart_turn else _DEFAULTS.stop_secs),
         min_volume=config.min_volume or _DEFAULTS.min_volume,
-        smart_turn=config.smart_turn,
+        smart_turn=smart_turn,
         smart_turn_threshold=config.smart_turn_threshold or _DEFAULTS.smart_turn_threshold,
         max_silence_secs=config.max_silence_secs or _DEFAULTS.max_silence_secs,
     )
@@ -64,7 +69,7 @@ class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
             self.require_ready()
             config = await first_message(request_iterator, "config", "Detect")
             inbound = InboundAudio(config.format, self.provider.sample_rate_hz, "Detect")
-            params = segmenter_params(config)
+            params = segmenter_params(config, self.smart_turn is not None)
             if params.smart_turn and self.smart_turn is None:
                 raise FailedPrecondition(
                     "Detect: smart_turn is on but this VAD service has no Smart Turn model "

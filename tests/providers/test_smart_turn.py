@@ -285,6 +285,17 @@ def test_service_with_smart_turn_ends_the_turn(vad_services):
 
 
 @pytest.mark.models
+def test_smart_turn_is_the_default_where_the_model_is(vad_services):
+    pcm = np.concatenate([read_fixture("question_capital.wav"), np.zeros(4 * RATE, np.int16)])
+    by_default = detect(vad_services[0], vad_pb2.VadConfig(format=PCM16_16K), pcm)[-1].speech_stopped
+    assert by_default.end_of_turn_probability >= 0.5 and not by_default.silence_fallback  # the model decided
+    switched_off = detect(vad_services[0], vad_pb2.VadConfig(format=PCM16_16K, smart_turn=False), pcm)[-1].speech_stopped
+    assert switched_off.end_of_turn_probability == 0 and not switched_off.silence_fallback
+    # Same speech end either way; only who decides it (and how soon) differs.
+    assert abs(by_default.offset_ms - switched_off.offset_ms) <= 64
+
+
+@pytest.mark.models
 def test_service_without_the_model_refuses_smart_turn_only(vad_services):
     pcm = read_fixture("question_capital.wav")
     with pytest.raises(grpc.RpcError) as err:

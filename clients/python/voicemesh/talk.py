@@ -236,11 +236,12 @@ async def talk_session(
     start_timeout: float = 30.0,
     end_timeout: float = 30.0,
     chunk_ms: int = CHUNK_MS,
+    configure: Callable[[orchestrator_pb2.SessionConfig], None] | None = None,
 ) -> TalkResult:
     """Run one Converse session with `samples_16k` (16 kHz mono; int16, or float in [-1, 1])
     streamed in real time, then silence until the bot has answered (or `wait_after` seconds
     pass with no server event), then End. Never raises for server-side failures: see
-    `TalkResult.ok`, `.failure`, `.errors`."""
+    `TalkResult.ok`, `.failure`, `.errors`. `configure` may adjust the session config first."""
     samples = samples_16k if samples_16k.dtype == np.int16 else to_pcm16(np.asarray(samples_16k, np.float32), SEND_RATE_HZ)
     chunk = SEND_RATE_HZ * chunk_ms // 1000
     segments = speech_segments(samples, SEND_RATE_HZ)
@@ -248,6 +249,8 @@ async def talk_session(
     tracker.result.segments = segments
     sent_at: list[float] = []  # monotonic time each chunk actually left
     config = config_request(system_prompt, voice, session_id, client="voicemesh-talk")
+    if configure is not None:
+        configure(config.config)
     async with open_session(addr, config, tracker, start_timeout, end_timeout) as call:
         if call is not None:
             await _stream_audio(call, tracker, samples, chunk, wait_after, sent_at)
