@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 
 import grpc
 import numpy as np
@@ -139,6 +140,8 @@ async def main(port: int, services: list[str]) -> None:
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise SystemExit(f"port {port} is taken")
     await server.start()
+    gc.collect()
+    gc.freeze()  # as the real services do once started (voicemesh.runtime.server)
     print("ready", flush=True)
     await server.wait_for_termination()
 

@@ -84,7 +84,7 @@ def stage_overhead(args, lat: Latencies, results: dict) -> None:
         pipecat[str(n)] = summarise_runs([pipecat_run(n, _duration(args, n), LEAN, lat, "0") for _ in range(args.repeats)])
         log(f"pipecat   {n:4d} sessions (lean): added p50 {pipecat[str(n)]['p50']} ms, p99 {pipecat[str(n)]['p99']} ms, "
             f"cpu {pipecat[str(n)]['cpu_cores']}")
-        pipecat_defaults[str(n)] = summarise_runs([pipecat_run(n, args.duration, DEFAULTS, lat, "0")])
+        pipecat_defaults[str(n)] = summarise_runs([pipecat_run(n, _duration(args, n), DEFAULTS, lat, "0")])
         log(f"pipecat   {n:4d} sessions (defaults, 1 run): added p50 {pipecat_defaults[str(n)]['p50']} ms, "
             f"p99 {pipecat_defaults[str(n)]['p99']} ms, cpu {pipecat_defaults[str(n)]['cpu_cores']}")
     results["mesh_added_latency_ms"] = mesh
@@ -94,9 +94,10 @@ def stage_overhead(args, lat: Latencies, results: dict) -> None:
         n: {q: _ratio(mesh[n][q], pipecat[n][q]) for q in ("p50", "p99")} for n in mesh if n in pipecat}
 
 
-def _duration(args, sessions: int) -> float:
+def _duration(args, sessions: int, base: float | None = None) -> float:
     """A single session gives one turn per 4 s cycle: run it longer to have a p99 worth the name."""
-    return args.duration if sessions > 1 else max(args.duration, 24.0)
+    base = args.duration if base is None else base
+    return base if sessions > 1 else max(base, 24.0)
 
 
 def stage_capacity(args, lat: Latencies, results: dict) -> None:
@@ -124,13 +125,14 @@ def stage_capacity(args, lat: Latencies, results: dict) -> None:
 
     with MeshUnderTest(lat, "0", "1") as under_test:
         results["orchestrator_capacity"] = search(
-            "mesh", lambda n: summarise_runs([under_test.run_load(n, args.capacity_duration)]),
+            "mesh", lambda n: summarise_runs([under_test.run_load(n, _duration(args, n, args.capacity_duration))]),
             results.get("mesh_added_latency_ms", {}))
     results["orchestrator_sessions_per_core"] = results["orchestrator_capacity"]["sessions_per_core"]
     for mode in (LEAN, DEFAULTS):
         known = results.get("pipecat_added_latency_ms" if mode == LEAN else "pipecat_defaults_added_latency_ms", {})
         results[f"pipecat_{mode}_capacity"] = search(
-            f"pipecat-{mode}", lambda n, mode=mode: summarise_runs([pipecat_run(n, args.capacity_duration, mode, lat, "0")]), known)
+            f"pipecat-{mode}", lambda n, mode=mode: summarise_runs(
+                [pipecat_run(n, _duration(args, n, args.capacity_duration), mode, lat, "0")]), known)
     results["pipecat_sessions_per_core"] = {mode: results[f"pipecat_{mode}_capacity"]["sessions_per_core"] for mode in (LEAN, DEFAULTS)}
 
 
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=ints, default=[1, 50, 100], help="session counts for the overhead stage")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--duration", type=float, default=12.0, help="seconds of measured load per run")
-    parser.add_argument("--capacity-steps", type=ints, default=[150, 200, 250, 300, 400])
+    parser.add_argument("--capacity-steps", type=ints, default=[125, 150, 200, 250, 300, 400])
     parser.add_argument("--capacity-duration", type=float, default=10.0)
     parser.add_argument("--vad-steps", type=ints, default=[50, 100, 150, 200, 250, 300, 400])
     parser.add_argument("--v2v-runs", type=int, default=10)

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from voicemesh.v1 import orchestrator_pb2 as pb
+
+# Chunks of one turn already queued go out together, up to this much audio per message: one
+# write instead of several when a TTS streams small chunks (each gRPC message costs CPU).
+MERGE_SECONDS = 0.12
 
 
 @dataclass
@@ -30,30 +35,35 @@ class Playout:
     def __init__(self, send: Callable[[pb.ConverseResponse], None], lead_seconds: float = 0.25):
         self._send = send
         self._lead = lead_seconds
-        self._queue: asyncio.Queue[_Audio | _Marker] = asyncio.Queue()
+        self._items: deque[_Audio | _Marker] = deque()
+        self._wake = asyncio.Event()
         self._clock_start: float | None = None  # wall time of the current reply's first sample
         self._sent_seconds = 0.0
         self._generation = 0  # bumped by clear(), so a chunk caught mid-wait is dropped too
         self._waiting = False  # run() holds a chunk until its time comes
+        self._seq_turn, self._seq = 0, 0  # BotAudio chunks are numbered per turn, as sent
         self.on_first_audio: Callable[[int], None] = lambda turn_number: None
 
     def audio(self, message: pb.ConverseResponse, seconds: float, turn_number: int) -> None:
         item = _Audio(message, seconds, turn_number)
         # Nothing queued and within the lead (always true of a reply's first chunk): send it
         # now rather than through run()'s task, one event-loop hop sooner.
-        if not self._waiting and self._queue.empty() and self._delay(item) <= 0:
+        if not self._waiting and not self._items and self._delay(item) <= 0:
             self._send_audio(item)
         else:
-            self._queue.put_nowait(item)
+            self._put(item)
 
     def marker(self, fire: Callable[[], None]) -> None:
-        self._queue.put_nowait(_Marker(fire))
+        self._put(_Marker(fire))
+
+    def _put(self, item: _Audio | _Marker) -> None:
+        self._items.append(item)
+        self._wake.set()
 
     def clear(self) -> int:
         """Drop everything not yet sent (barge-in). Returns how many audio chunks were dropped."""
-        dropped = 0
-        while not self._queue.empty():
-            dropped += isinstance(self._queue.get_nowait(), _Audio)
+        dropped = sum(isinstance(item, _Audio) for item in self._items)
+        self._items.clear()
         self._clock_start = None
         self._generation += 1
         return dropped
@@ -66,7 +76,10 @@ class Playout:
 
     async def run(self) -> None:
         while True:
-            item = await self._queue.get()
+            while not self._items:
+                self._wake.clear()
+                await self._wake.wait()
+            item = self._items.popleft()
             if isinstance(item, _Marker):
                 item.fire()
                 continue
@@ -80,7 +93,22 @@ class Playout:
                     self._waiting = False
                 if generation != self._generation:
                     continue
-            self._send_audio(item)
+            self._send_audio(self._merge_following(item))
+
+    def _merge_following(self, item: _Audio) -> _Audio:
+        """`item` plus the chunks of the same turn queued right behind it, up to MERGE_SECONDS."""
+        parts, seconds = [item], item.seconds
+        while self._items:
+            following = self._items[0]
+            if not isinstance(following, _Audio) or following.turn_number != item.turn_number \
+                    or seconds + following.seconds > MERGE_SECONDS + 1e-6:
+                break
+            parts.append(self._items.popleft())
+            seconds += following.seconds
+        if len(parts) > 1:
+            item.message.audio.chunk.data = b"".join(part.message.audio.chunk.data for part in parts)
+            item.seconds = seconds
+        return item
 
     def _delay(self, item: _Audio) -> float:
         """Seconds until `item` may leave (the clock runs `lead` ahead of real time)."""
@@ -93,6 +121,10 @@ class Playout:
         return self._clock_start + self._sent_seconds - self._lead - now
 
     def _send_audio(self, item: _Audio) -> None:
+        if item.turn_number != self._seq_turn:
+            self._seq_turn, self._seq = item.turn_number, 0
+        item.message.audio.chunk.seq = self._seq
+        self._seq += 1
         self._send(item.message)
         self._sent_seconds += item.seconds
 

@@ -204,19 +204,19 @@ class BotReply:
 
     async def _play(self, tts_call) -> None:
         """Queue audio and 'spoken' markers for the caller, in order."""
-        seq = 0
+        first = True
         number = self.turn.number
         async for response in tts_call:
             if response.HasField("audio"):
                 received = time.perf_counter()
-                if seq == 0 and self._tts_text_sent_at is not None:
+                if first and self._tts_text_sent_at is not None:
                     self.turn.ttfb_ms["tts"] = (time.monotonic() - self._tts_text_sent_at) * 1000
                     metrics().ttfb.record(self.turn.ttfb_ms["tts"], {"service": "tts"})
                 chunk = response.audio.chunk
                 message = pb.ConverseResponse(
-                    audio=pb.BotAudio(chunk=common_pb2.AudioChunk(data=chunk.data, seq=seq, offset_ms=chunk.offset_ms), turn_number=number)
-                )
-                seq += 1
+                    audio=pb.BotAudio(chunk=common_pb2.AudioChunk(data=chunk.data, offset_ms=chunk.offset_ms), turn_number=number)
+                )  # the playout numbers the chunks as it sends them (it may merge some)
+                first = False
                 self.playout.audio(message, len(chunk.data) / self.bytes_per_second, number)
                 metrics().hop.record((time.perf_counter() - received) * 1000, {"direction": "outbound"})
             elif response.HasField("segment_done") and response.segment_done.spoken_text:
