@@ -4,10 +4,15 @@ Every message costs 25-45 µs of CPU on each side of a hop, so audio is batched;
 frame that completes the user's pause decides the end of the turn, and any wait before it
 reaches the VAD adds to the reply's latency. So each stream gets the piece size it needs:
 
-- VAD: each frame at once while the user is speaking (the end of speech is near); otherwise
-  VAD_IDLE_MS pieces (only the onset of speech waits, by half a piece on average).
-- STT: STT_PIECE_MS pieces; before a Finalize, what is left is flushed if it may hold
-  speech, so the final transcript covers every word the VAD has heard.
+- VAD: VAD_PIECE_MS pieces (the onset of speech waits half a piece on average), except
+  that while the user is speaking a quiet frame leaves at once, with whatever waits before
+  it: a quiet frame may be the one that completes the stop wait, a loud one cannot. (The
+  VAD still decides; loudness only picks the batching. Under a noise floor above
+  QUIET_RMS the stop is at most one frame later.)
+- STT: STT_SPEECH_MS pieces while the user is speaking, STT_IDLE_MS otherwise (the STT
+  only keeps that audio as the next turn's pre-roll). Before a turn start everything is
+  flushed, and before a Finalize whatever may still hold speech, so the transcripts cover
+  every word the VAD has heard.
 """
 from __future__ import annotations
 
@@ -18,9 +23,16 @@ import numpy as np
 
 from voicemesh.v1 import common_pb2, stt_pb2, vad_pb2
 
-VAD_IDLE_MS = 40
-STT_PIECE_MS = 100
+VAD_PIECE_MS = 40
+STT_SPEECH_MS = 100
+STT_IDLE_MS = 500
+QUIET_RMS = 300.0  # int16 RMS of a 20 ms frame (about -40 dBFS) below which it may be the pause
 ARRIVALS_KEPT = 4000  # (offset, time) pairs: about a minute of 20 ms frames, plenty to time a turn
+
+
+def _quiet(samples: np.ndarray) -> bool:
+    as_float = samples.astype(np.float32)
+    return float(np.dot(as_float, as_float)) < QUIET_RMS * QUIET_RMS * len(samples)
 
 
 class _Outlet:
@@ -74,14 +86,14 @@ class CallerAudio:
         samples = samples.astype("<i2", copy=False)
         self.vad.add(samples)
         self.stt.add(samples)
-        if user_speaking or self.vad.holds_ms() >= VAD_IDLE_MS:
+        if self.vad.holds_ms() >= VAD_PIECE_MS or (user_speaking and _quiet(samples)):
             await self.vad.flush()
-        if self.stt.holds_ms() >= STT_PIECE_MS:
+        if self.stt.holds_ms() >= (STT_SPEECH_MS if user_speaking else STT_IDLE_MS):
             await self.stt.flush()
 
     async def flush_stt(self, speech_end_ms: int | None = None) -> None:
-        """Before a Finalize: the STT must have heard the speech up to `speech_end_ms` (all the
-        audio, if None). Only silence after it still waiting here costs no write."""
+        """Before a turn start (everything) or a Finalize (the speech up to `speech_end_ms`):
+        the STT must have heard it. Only silence after the speech still waiting costs no write."""
         if speech_end_ms is None or self.stt.sent_samples < speech_end_ms * self.rate_hz // 1000:
             await self.stt.flush()
 

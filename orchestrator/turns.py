@@ -227,6 +227,7 @@ class TurnTaking:
         context = common_pb2.TurnContext(turn_id=turn.turn_id, turn_number=turn.number, audio_offset_ms=offset_ms,
                                          trace=common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate))
         await self.vad_call.write(vad_pb2.DetectRequest(turn=context))  # its speech segment span joins the turn
+        await self.caller_audio.flush_stt()  # the STT hears the turn's pre-roll before its start
         await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=context))
 
     def _barge_words(self, text: str) -> None:
