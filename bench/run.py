@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--duration", type=float, default=12.0, help="seconds of measured load per run")
     parser.add_argument("--capacity-steps", type=ints, default=[125, 150, 175, 200, 250, 300, 400])
-    parser.add_argument("--capacity-duration", type=float, default=10.0)
+    parser.add_argument("--capacity-duration", type=float, default=20.0)
     parser.add_argument("--vad-steps", type=ints, default=[50, 100, 150, 200, 250, 300, 400])
     parser.add_argument("--v2v-runs", type=int, default=10)
     parser.add_argument("--bargein-runs", type=int, default=5)
