@@ -153,6 +153,9 @@ def stage_vad(args, results: dict) -> None:
             points[n] = json.loads(out.stdout)
             baseline = points[BASELINE_STREAMS]["event_latency_ms"]["p50"] or 0.0
             p99 = points[n]["event_latency_ms"]["p99"]
+            if n == BASELINE_STREAMS:  # the reference itself is not judged: its p99 is the worst of ~50 events
+                points[n]["pass"] = None
+                continue
             points[n]["pass"] = p99 is not None and p99 - baseline < 20.0 and not points[n]["error_count"]
             log(f"vad       {n:4d} streams: event p99 {p99} ms, cpu {points[n]['server_cpu_cores']}, pass {points[n]['pass']}")
             if not points[n]["pass"]:
