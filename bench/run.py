@@ -146,8 +146,8 @@ def stage_vad(args, results: dict) -> None:
         points = {}
         for n in [BASELINE_STREAMS, *args.vad_steps]:
             argv = [sys.executable, "-m", "bench.vad_side", "--addr", f"127.0.0.1:{port}", "--sessions", str(n),
-                    "--duration", str(args.capacity_duration), "--server-pid", str(vad.pid)]
-            out = subprocess.run(pinned(argv, "1"), cwd=ROOT, capture_output=True, text=True, timeout=args.capacity_duration + 120)
+                    "--duration", str(args.vad_duration), "--server-pid", str(vad.pid)]
+            out = subprocess.run(pinned(argv, "1"), cwd=ROOT, capture_output=True, text=True, timeout=args.vad_duration + 120)
             if out.returncode != 0:
                 raise RuntimeError(f"vad load failed: {out.stderr[-1500:]}")
             points[n] = json.loads(out.stdout)
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=12.0, help="seconds of measured load per run")
     parser.add_argument("--capacity-steps", type=ints, default=[125, 150, 175, 200, 250, 300, 400])
     parser.add_argument("--capacity-duration", type=float, default=20.0)
+    parser.add_argument("--vad-duration", type=float, default=10.0)
     parser.add_argument("--vad-steps", type=ints, default=[50, 100, 150, 200, 250, 300, 400])
     parser.add_argument("--v2v-runs", type=int, default=10)
     parser.add_argument("--bargein-runs", type=int, default=5)
