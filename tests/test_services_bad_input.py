@@ -29,6 +29,7 @@ def _fmt(encoding=1, rate=16000):
 
 
 AUDIO_CASES = {
+    "closed before any message": (lambda R, C: [], PRECONDITION, "closed before its first message (config)"),
     "first message not config": (lambda R, C: [R(audio=_audio(b"\x00\x00" * 160))], PRECONDITION, "first message must be `config`"),
     "unknown encoding": (lambda R, C: [R(config=C(format=_fmt(encoding=9)))], INVALID, "unsupported encoding"),
     "sample rate outside 8-48 kHz": (lambda R, C: [R(config=C(format=_fmt(rate=96000)))], INVALID, "outside 8000-48000"),
@@ -66,6 +67,7 @@ def test_audio_services_reject_bad_input(channels, kind, case):
 
 
 TTS_CASES = {
+    "closed before any message": ([], PRECONDITION, "closed before its first message (config)"),
     "first message not config": ([tts_pb2.SynthesizeRequest(text=tts_pb2.TextPiece(text="hi"))], PRECONDITION, "first message must be `config`"),
     "unknown voice": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice="nobody", format=PCM16_16K))], INVALID, "unknown voice"),
     "speed out of range": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(speed=5, format=PCM16_16K))], INVALID, "speed"),
@@ -92,6 +94,7 @@ def _chat(*messages, tools=()):
 
 
 LLM_CASES = {
+    "closed before any message": ([], PRECONDITION, "closed before its first message (chat)"),
     "first message not chat": ([llm_pb2.GenerateRequest(tool_result=llm_pb2.ToolResult(tool_call_id="x"))], PRECONDITION, "first message must be `chat`"),
     "no messages": ([_chat()], INVALID, "messages is empty"),
     "unknown role": ([_chat(llm_pb2.ChatMessage(role="robot", content="hi"))], INVALID, "is not one of"),

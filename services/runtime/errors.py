@@ -38,6 +38,13 @@ class Unavailable(StreamError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ClosedBeforeFirstMessage(FailedPrecondition):
+    """The caller closed the stream without sending anything. It still gets the status, but
+    nothing was asked and nothing failed: callers may open calls ahead of need and drop the
+    ones they do not use (the orchestrator does, for each turn's LLM and TTS calls), so this
+    is logged at debug level and not counted as an error."""
+
+
 class _StreamMetrics:
     """Open streams (a gauge for autoscaling) and errors by status code, per process."""
 
@@ -64,6 +71,9 @@ async def stream_guard(context: grpc.aio.ServicerContext, what: str) -> AsyncIte
     counters.active.add(1, {"rpc": what})
     try:
         yield
+    except ClosedBeforeFirstMessage as err:
+        log.debug("%s closed before its first message", what)
+        await context.abort(err.code, err.message)
     except StreamError as err:
         log.info("%s rejected: %s %s", what, err.code.name, err.message)
         counters.errors.add(1, {"rpc": what, "code": err.code.name})
@@ -83,7 +93,7 @@ async def first_message(request_iterator, config_field: str, rpc: str):
     try:
         first = await anext(aiter(request_iterator))
     except StopAsyncIteration:
-        raise FailedPrecondition(f"{rpc}: the stream closed before its first message ({config_field})") from None
+        raise ClosedBeforeFirstMessage(f"{rpc}: the stream closed before its first message ({config_field})") from None
     kind = first.WhichOneof(first.DESCRIPTOR.oneofs[0].name)
     if kind != config_field:
         raise FailedPrecondition(
