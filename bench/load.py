@@ -22,7 +22,7 @@ import uvloop
 from bench.scenario import (
     FRAME_MS, IN_RATE_HZ, OUT_RATE_HZ, SILENCE_FRAME, Latencies, Schedule, phase_frames, speech_frame,
 )
-from bench.stats import SessionStats, cpu_seconds, summarise
+from bench.stats import SessionStats, cpu_seconds, loop_lag, summarise
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 PCM16 = common_pb2.AUDIO_ENCODING_PCM16
@@ -77,14 +77,6 @@ async def run_session(channel, index: int, lat: Latencies, schedule: Schedule, s
         if reader.done() and not reader.cancelled() and isinstance(reader.exception(), grpc.aio.AioRpcError):
             if reader.exception().code() != grpc.StatusCode.CANCELLED:
                 stats.error = stats.error or reader.exception().details()
-
-
-async def loop_lag(stop_at: float, lags: list[float]) -> None:
-    """How late this process's event loop wakes up (its own overload)."""
-    while time.monotonic() < stop_at:
-        before = time.monotonic()
-        await asyncio.sleep(0.01)
-        lags.append((time.monotonic() - before - 0.01) * 1000)
 
 
 async def main(args) -> dict:

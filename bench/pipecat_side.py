@@ -41,7 +41,7 @@ from bench.scenario import (
     FIRST_DELTA, FRAME_MS, IN_RATE_HZ, OUT_RATE_HZ, REST_WORDS, SILENCE_FRAME, SPEECH_RMS, Latencies, Schedule,
     phase_frames, speech_frame, tone_audio,
 )
-from bench.stats import SessionStats, cpu_seconds, summarise
+from bench.stats import SessionStats, cpu_seconds, loop_lag, summarise
 
 LAT = Latencies.from_env()
 _SENTENCE_END = re.compile(r"[.?!]+\s+\S")
@@ -186,13 +186,6 @@ async def run_session(index: int, schedule: Schedule, stop_at: float, stats: Ses
     finally:
         await task.cancel()
         await asyncio.gather(running, return_exceptions=True)
-
-
-async def loop_lag(stop_at: float, lags: list[float]) -> None:
-    while time.monotonic() < stop_at:
-        before = time.monotonic()
-        await asyncio.sleep(0.01)
-        lags.append((time.monotonic() - before - 0.01) * 1000)
 
 
 async def main(args) -> dict:

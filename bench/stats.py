@@ -13,7 +13,9 @@
 """
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -129,3 +131,11 @@ def summarise(stats: list[SessionStats], fakes_total_ms: float, measure_from: fl
 
 def _r(value):
     return None if value is None else round(value, 2)
+
+
+async def loop_lag(stop_at: float, lags: list[float]) -> None:
+    """How late this process's event loop wakes up, in ms (its own overload), until `stop_at`."""
+    while time.monotonic() < stop_at:
+        before = time.monotonic()
+        await asyncio.sleep(0.01)
+        lags.append((time.monotonic() - before - 0.01) * 1000)
