@@ -14,6 +14,8 @@ BENCH_LATENCIES (see bench.scenario.Latencies):
 """
 from __future__ import annotations
 
+import voicemesh.grpc_env  # noqa: F401 - first, as in every voicemesh process (see its docstring)
+
 import argparse
 import asyncio
 import gc
@@ -23,6 +25,7 @@ import numpy as np
 import uvloop
 
 from bench.scenario import FIRST_DELTA, FRAME_SAMPLES, REST_WORDS, SPEECH_RMS, Latencies, tone_audio
+from voicemesh.runtime.mux import MultiplexedCall
 from voicemesh.v1 import common_pb2, llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc, vad_pb2, vad_pb2_grpc
 
 LAT = Latencies.from_env()
@@ -61,6 +64,13 @@ class FakeVad(vad_pb2_grpc.VadServiceServicer):
                     end = (frames_seen - stop_frames) * 20
                     yield vad_pb2.DetectResponse(speech_stopped=vad_pb2.SpeechStopped(
                         offset_ms=end, probability=0.9, duration_ms=end - segment_start))
+
+    async def DetectMany(self, request_iterator, context):
+        """Every stream runs Detect, as the real service does (voicemesh.runtime.mux)."""
+        call = MultiplexedCall(lambda requests: self.Detect(requests, context), vad_pb2.DetectManyResponse,
+                               vad_pb2.DetectStreamEvent, "vad", "DetectMany")
+        async for response in call.serve(request_iterator):
+            yield response
 
     async def Info(self, request, context):
         return vad_pb2.VadServiceInfoResponse(info=_info("vad"))

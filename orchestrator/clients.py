@@ -6,10 +6,12 @@ import os
 
 import grpc
 
+from voicemesh.orchestrator.mux import StreamMultiplexer
 from voicemesh.runtime.config import DEFAULT_PORTS, grpc_channel_options
 from voicemesh.v1 import llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc, vad_pb2, vad_pb2_grpc
 
 SERVICE_KINDS = ("vad", "stt", "llm", "tts")
+VAD_MULTIPLEX_ENV = "VOICEMESH_VAD_MULTIPLEX"  # DetectMany calls per orchestrator; 0: one Detect call per session
 
 
 def service_address(kind: str) -> str:
@@ -28,6 +30,18 @@ class ServiceClients:
         self.stt = stt_pb2_grpc.SttServiceStub(self.channels["stt"])
         self.llm = llm_pb2_grpc.LlmServiceStub(self.channels["llm"])
         self.tts = tts_pb2_grpc.TtsServiceStub(self.channels["tts"])
+        # Every session's VAD stream rides on one of these calls (see orchestrator.mux);
+        # more than one lets a VAD deployment with several replicas share the sessions.
+        self.vad_multiplexers = [
+            StreamMultiplexer(self.vad.DetectMany, vad_pb2.DetectManyRequest, vad_pb2.DetectStreamMessage, "vad")
+            for _ in range(_multiplex_calls())
+        ]
+
+    def open_vad_stream(self):
+        """A session's VAD stream: on the least busy multiplexed call, or a Detect call of its own."""
+        if not self.vad_multiplexers:
+            return SerialStream(self.vad.Detect())
+        return min(self.vad_multiplexers, key=lambda mux: mux.open_streams).open()
 
     async def infos(self, timeout: float = 2.0) -> list:
         """What each service reports; unreachable ones are skipped."""
@@ -41,7 +55,15 @@ class ServiceClients:
         return [result.info for result in results if not isinstance(result, BaseException)]
 
     async def close(self) -> None:
+        await asyncio.gather(*(mux.close() for mux in self.vad_multiplexers))
         await asyncio.gather(*(channel.close() for channel in self.channels.values()))
+
+
+def _multiplex_calls() -> int:
+    raw = os.environ.get(VAD_MULTIPLEX_ENV, "1")
+    if not raw.isdigit() or int(raw) > 64:
+        raise ValueError(f"{VAD_MULTIPLEX_ENV}={raw!r}: expected a number of calls from 0 (one Detect call per session) to 64")
+    return int(raw)
 
 
 class SerialStream:
@@ -55,7 +77,8 @@ class SerialStream:
         self.call = call
         self._lock = asyncio.Lock()
 
-    async def write(self, message) -> None:
+    async def write(self, message, urgent: bool = True) -> None:
+        """`urgent` matters to multiplexed streams only (orchestrator.mux); a call of its own sends at once."""
         async with self._lock:
             await self.call.write(message)
 

@@ -5,10 +5,13 @@ frame that completes the user's pause decides the end of the turn, and any wait 
 reaches the VAD adds to the reply's latency. So each stream gets the piece size it needs:
 
 - VAD: VAD_PIECE_MS pieces (the onset of speech waits half a piece on average), except
-  that while the user is speaking a quiet frame leaves at once, with whatever waits before
-  it: a quiet frame may be the one that completes the stop wait, a loud one cannot. (The
-  VAD still decides; loudness only picks the batching. Under a noise floor above
-  QUIET_RMS the stop is at most one frame later.)
+  that while the user is speaking, once the quiet run is within URGENT_MARGIN_MS of the
+  stop wait, each quiet frame leaves at once and urgent, with whatever waits before it: it
+  may be the one that completes the stop wait (a loud one cannot). The other pieces are
+  not urgent: on a multiplexed call (orchestrator.mux) they may wait a few milliseconds
+  to share a write with other sessions' audio. (The VAD still decides; loudness only
+  picks the batching. Under a noise floor above QUIET_RMS, or when the VAD hears the
+  pause begin before the audio turns quiet, the stop is at most one piece later.)
 - STT: STT_SPEECH_MS pieces while the user is speaking, STT_IDLE_MS otherwise (the STT
   only keeps that audio as the next turn's pre-roll). Before a turn start everything is
   flushed, and before a Finalize whatever may still hold speech, so the transcripts cover
@@ -26,6 +29,7 @@ from voicemesh.v1 import common_pb2, stt_pb2, vad_pb2
 VAD_PIECE_MS = 40
 STT_SPEECH_MS = 100
 STT_IDLE_MS = 500
+URGENT_MARGIN_MS = 100  # quiet frames are urgent from this long before the stop wait ends
 QUIET_RMS = 300.0  # int16 RMS of a 20 ms frame (about -40 dBFS) below which it may be the pause
 ARRIVALS_KEPT = 4000  # (offset, time) pairs: about a minute of 20 ms frames, plenty to time a turn
 
@@ -51,21 +55,24 @@ class _Outlet:
     def holds_ms(self) -> float:
         return self.pending_samples * 1000 / self.rate_hz
 
-    async def flush(self) -> None:
+    async def flush(self, urgent: bool = True) -> None:
         if not self.pending_samples:
             return
         data = b"".join(self.pending)  # one copy: the arrays are joined through their buffers
         offset_ms = self.sent_samples * 1000 // self.rate_hz
         self.sent_samples += self.pending_samples
         self.pending, self.pending_samples = [], 0
-        await self.call.write(self.wrap(common_pb2.AudioChunk(data=data, offset_ms=offset_ms)))
+        await self.call.write(self.wrap(common_pb2.AudioChunk(data=data, offset_ms=offset_ms)), urgent=urgent)
 
 
 class CallerAudio:
     """Feeds one session's VAD and STT calls; remembers when each piece of audio arrived."""
 
-    def __init__(self, vad_call, stt_call, rate_hz: int):
+    def __init__(self, vad_call, stt_call, rate_hz: int, stop_ms: int = 200):
+        """`stop_ms`: the VAD's stop wait, or the least it can be (unset, the VAD picks 200 ms or more)."""
         self.rate_hz = rate_hz
+        self.urgent_after_ms = max(0, stop_ms - URGENT_MARGIN_MS)
+        self.quiet_run_ms = 0.0  # quiet audio since the user's last loud frame
         self.vad = _Outlet(vad_call, lambda chunk: vad_pb2.DetectRequest(audio=chunk), rate_hz)
         self.stt = _Outlet(stt_call, lambda chunk: stt_pb2.RecognizeRequest(audio=chunk), rate_hz)
         self.received_samples = 0
@@ -86,8 +93,12 @@ class CallerAudio:
         samples = samples.astype("<i2", copy=False)
         self.vad.add(samples)
         self.stt.add(samples)
-        if self.vad.holds_ms() >= VAD_PIECE_MS or (user_speaking and _quiet(samples)):
-            await self.vad.flush()
+        quiet = user_speaking and _quiet(samples)
+        self.quiet_run_ms = self.quiet_run_ms + len(samples) * 1000 / self.rate_hz if quiet else 0.0
+        if quiet and self.quiet_run_ms >= self.urgent_after_ms:
+            await self.vad.flush()  # urgent: it may complete the pause
+        elif self.vad.holds_ms() >= VAD_PIECE_MS:
+            await self.vad.flush(urgent=False)
         if self.stt.holds_ms() >= (STT_SPEECH_MS if user_speaking else STT_IDLE_MS):
             await self.stt.flush()
 

@@ -112,9 +112,11 @@ class Session(TurnTaking):
     async def run(self, request_iterator) -> None:
         """Drive the session until it ends; events go to self.events, then None."""
         self._closed = asyncio.get_running_loop().create_future()
-        self.vad_call = SerialStream(self.clients.vad.Detect())  # written by several tasks
+        self.vad_call = self.clients.open_vad_stream()
         self.stt_call = SerialStream(self.clients.stt.Recognize())
-        self.caller_audio = CallerAudio(self.vad_call, self.stt_call, PIPELINE_RATE_HZ)
+        # Unset, the VAD's stop wait is 200 ms (Smart Turn) or 800 ms; 200 is the safe guess.
+        stop_ms = round((self.config.vad.stop_secs or 0.2) * 1000)
+        self.caller_audio = CallerAudio(self.vad_call, self.stt_call, PIPELINE_RATE_HZ, stop_ms)
         tasks: list[asyncio.Task] = []
         try:
             await self._open_streams()

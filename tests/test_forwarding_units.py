@@ -9,7 +9,7 @@ import asyncio
 
 import numpy as np
 
-from voicemesh.orchestrator.forwarding import STT_IDLE_MS, STT_SPEECH_MS, VAD_PIECE_MS, CallerAudio
+from voicemesh.orchestrator.forwarding import STT_IDLE_MS, STT_SPEECH_MS, URGENT_MARGIN_MS, VAD_PIECE_MS, CallerAudio
 
 RATE = 16000
 FRAME = RATE // 50  # 20 ms
@@ -18,9 +18,11 @@ FRAME = RATE // 50  # 20 ms
 class Recorder:
     def __init__(self):
         self.chunks = []
+        self.urgent = []
 
-    async def write(self, message):
+    async def write(self, message, urgent=True):
         self.chunks.append(message.audio)
+        self.urgent.append(urgent)
 
 
 def loud(index: int) -> np.ndarray:
@@ -31,10 +33,11 @@ def quiet(index: int) -> np.ndarray:
     return np.full(FRAME, index % 50, dtype=np.int16)
 
 
-def feed(frames: list[tuple[np.ndarray, bool]], then=None):
-    """Push (frame, user_speaking) pairs; returns the VAD and STT chunks as (offset_ms, ms)."""
+def feed(frames: list[tuple[np.ndarray, bool]], then=None, stop_ms: int = URGENT_MARGIN_MS):
+    """Push (frame, user_speaking) pairs; returns the VAD and STT chunks as (offset_ms, ms).
+    The default stop wait makes every quiet frame while the user speaks urgent."""
     vad, stt = Recorder(), Recorder()
-    audio = CallerAudio(vad, stt, RATE)
+    audio = CallerAudio(vad, stt, RATE, stop_ms)
 
     async def run():
         for samples, speaking in frames:
@@ -58,9 +61,23 @@ def test_while_the_user_speaks_loud_frames_batch_and_a_quiet_one_leaves_at_once(
     vad, stt, vad_calls, _ = feed(frames)
     # Loud: 40 ms pieces (the fifth frame waits); the first quiet frame takes it along; then one by one.
     assert vad == [(0, 40), (40, 40), (80, 40), (120, 20), (140, 20)]
+    # Full pieces may wait for other sessions' audio on a multiplexed call; a quiet frame may not.
+    assert vad_calls.urgent == [False, False, True, True, True]
     assert stt == [(0, STT_SPEECH_MS)]  # 160 ms so far: one 100 ms piece, the rest waits
     sent = np.concatenate([np.frombuffer(c.data, "<i2") for c in vad_calls.chunks])
     assert np.array_equal(sent, np.concatenate([f for f, _ in frames]))  # nothing lost, nothing reordered
+
+
+def test_quiet_frames_become_urgent_only_near_the_end_of_the_stop_wait():
+    frames = [(loud(i), True) for i in range(5)] + [(quiet(i), True) for i in range(4)]
+    # A 160 ms stop wait: quiet frames are urgent from 60 ms of quiet on (the third).
+    vad, _, vad_calls, _ = feed(frames, stop_ms=URGENT_MARGIN_MS + 60)
+    assert vad == [(0, 40), (40, 40), (80, 40), (120, 40), (160, 20)]
+    assert vad_calls.urgent == [False, False, False, True, True]
+    # A loud frame starts the quiet run again.
+    frames = [(quiet(0), True), (quiet(1), True), (loud(2), True), (quiet(3), True), (quiet(4), True)]
+    _, _, vad_calls, _ = feed(frames, stop_ms=URGENT_MARGIN_MS + 40)
+    assert vad_calls.urgent == [True, False, True]
 
 
 def test_finalize_flushes_the_stt_only_when_speech_may_be_waiting():

@@ -34,6 +34,10 @@ class FailedPrecondition(StreamError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ResourceExhausted(StreamError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unavailable(StreamError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -64,28 +68,44 @@ def _stream_metrics() -> _StreamMetrics:
     return _metrics
 
 
-@contextlib.asynccontextmanager
-async def stream_guard(context: grpc.aio.ServicerContext, what: str) -> AsyncIterator[None]:
-    """Map StreamError to its status; log anything unexpected as INTERNAL without a traceback to the peer."""
+def status_of(err: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
+    """The status a stream ends with for `err`, logged and counted once here. Unexpected
+    errors become INTERNAL, with the traceback in the log and none for the peer."""
+    if isinstance(err, ClosedBeforeFirstMessage):
+        log.debug("%s closed before its first message", what)
+        return err.code, err.message
+    counters = _stream_metrics()
+    if isinstance(err, StreamError):
+        log.info("%s rejected: %s %s", what, err.code.name, err.message)
+        counters.errors.add(1, {"rpc": what, "code": err.code.name})
+        return err.code, err.message
+    log.error("%s failed", what, exc_info=err)
+    counters.errors.add(1, {"rpc": what, "code": "INTERNAL"})
+    return grpc.StatusCode.INTERNAL, f"{what} failed inside the server; see its logs"
+
+
+@contextlib.contextmanager
+def counted_stream(what: str):
+    """Counts the stream as open while the block runs (a gauge for autoscaling)."""
     counters = _stream_metrics()
     counters.active.add(1, {"rpc": what})
     try:
         yield
-    except ClosedBeforeFirstMessage as err:
-        log.debug("%s closed before its first message", what)
-        await context.abort(err.code, err.message)
-    except StreamError as err:
-        log.info("%s rejected: %s %s", what, err.code.name, err.message)
-        counters.errors.add(1, {"rpc": what, "code": err.code.name})
-        await context.abort(err.code, err.message)
-    except grpc.aio.AbortError:
-        raise
-    except Exception:  # noqa: BLE001 - last line of defence for one stream
-        log.exception("%s failed", what)
-        counters.errors.add(1, {"rpc": what, "code": "INTERNAL"})
-        await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed inside the server; see its logs")
     finally:
         counters.active.add(-1, {"rpc": what})
+
+
+@contextlib.asynccontextmanager
+async def stream_guard(context: grpc.aio.ServicerContext, what: str) -> AsyncIterator[None]:
+    """Map StreamError to its status; anything unexpected to INTERNAL (see status_of)."""
+    with counted_stream(what):
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:  # noqa: BLE001 - last line of defence for one stream
+            code, message = status_of(err, what)
+            await context.abort(code, message)
 
 
 async def first_message(request_iterator, config_field: str, rpc: str):

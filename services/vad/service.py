@@ -11,6 +11,7 @@ import numpy as np
 from voicemesh.runtime import telemetry
 from voicemesh.runtime.audio import InboundAudio
 from voicemesh.runtime.errors import FailedPrecondition, InvalidInput, first_message, stream_guard
+from voicemesh.runtime.mux import MultiplexedCall
 from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.v1 import vad_pb2, vad_pb2_grpc
 from voicemesh.vad.providers.base import VadProvider
@@ -66,49 +67,61 @@ class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
 
     async def Detect(self, request_iterator, context: grpc.aio.ServicerContext):
         async with stream_guard(context, "Detect"):
+            async for response in self._detect(request_iterator):
+                yield response
+
+    async def DetectMany(self, request_iterator, context: grpc.aio.ServicerContext):
+        async with stream_guard(context, "DetectMany"):
             self.require_ready()
-            config = await first_message(request_iterator, "config", "Detect")
-            inbound = InboundAudio(config.format, self.provider.sample_rate_hz, "Detect")
-            params = segmenter_params(config, self.smart_turn is not None)
-            if params.smart_turn and self.smart_turn is None:
-                raise FailedPrecondition(
-                    "Detect: smart_turn is on but this VAD service has no Smart Turn model "
-                    "(install pipecat-ai --no-deps or set VOICEMESH_SMART_TURN_MODEL); turn smart_turn off"
-                )
-            segmenter = SpeechSegmenter(params, sample_rate_hz=self.provider.sample_rate_hz)
-            gate = TurnGate(segmenter, self.smart_turn.score if params.smart_turn else None)
-            stream = self.provider.open_stream()
-            spans = _SegmentSpans(self.provider.sample_rate_hz)
-            # The segmenter needs each window's volume; keep the samples not yet scored.
-            pending = np.zeros(0, dtype=np.int16)
-            pending_start = 0  # stream offset (samples) of pending[0]
-            speech_started_ms = 0
-            try:
-                async for request in request_iterator:
-                    kind = request.WhichOneof("request")
-                    if kind == "turn":
-                        spans.turn(request.turn, speech_started_ms)
-                        continue
-                    if kind == "config":
-                        raise InvalidInput("Detect: config may only be sent once, as the first message")
-                    samples = inbound.convert(request.audio.data)
-                    spans.arrived(pending_start + len(pending) + len(samples))
-                    gate.append(samples)
-                    pending = np.concatenate((pending, samples))
-                    for result in await stream.process(samples):
-                        end = result.end_offset_samples - pending_start
-                        window = pending[max(0, end - 512) : end]
-                        for event in await gate.push(result.end_offset_samples, result.probability, window_volume(window)):
-                            if event.kind == "started":
-                                speech_started_ms = event.offset_ms
-                            else:
-                                spans.stopped(event, speech_started_ms, params.smart_turn)
-                            yield _to_response(event, speech_started_ms)
-                        pending = pending[end:]
-                        pending_start = result.end_offset_samples
-            finally:
-                spans.close()
-                await stream.close()
+            call = MultiplexedCall(self._detect, vad_pb2.DetectManyResponse, vad_pb2.DetectStreamEvent, "vad", "DetectMany")
+            async for response in call.serve(request_iterator):
+                yield response
+
+    async def _detect(self, request_iterator):
+        """One Detect stream (also each stream of DetectMany); raises StreamError on bad input."""
+        self.require_ready()
+        config = await first_message(request_iterator, "config", "Detect")
+        inbound = InboundAudio(config.format, self.provider.sample_rate_hz, "Detect")
+        params = segmenter_params(config, self.smart_turn is not None)
+        if params.smart_turn and self.smart_turn is None:
+            raise FailedPrecondition(
+                "Detect: smart_turn is on but this VAD service has no Smart Turn model "
+                "(install pipecat-ai --no-deps or set VOICEMESH_SMART_TURN_MODEL); turn smart_turn off"
+            )
+        segmenter = SpeechSegmenter(params, sample_rate_hz=self.provider.sample_rate_hz)
+        gate = TurnGate(segmenter, self.smart_turn.score if params.smart_turn else None)
+        stream = self.provider.open_stream()
+        spans = _SegmentSpans(self.provider.sample_rate_hz)
+        # The segmenter needs each window's volume; keep the samples not yet scored.
+        pending = np.zeros(0, dtype=np.int16)
+        pending_start = 0  # stream offset (samples) of pending[0]
+        speech_started_ms = 0
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("request")
+                if kind == "turn":
+                    spans.turn(request.turn, speech_started_ms)
+                    continue
+                if kind == "config":
+                    raise InvalidInput("Detect: config may only be sent once, as the first message")
+                samples = inbound.convert(request.audio.data)
+                spans.arrived(pending_start + len(pending) + len(samples))
+                gate.append(samples)
+                pending = np.concatenate((pending, samples))
+                for result in await stream.process(samples):
+                    end = result.end_offset_samples - pending_start
+                    window = pending[max(0, end - 512) : end]
+                    for event in await gate.push(result.end_offset_samples, result.probability, window_volume(window)):
+                        if event.kind == "started":
+                            speech_started_ms = event.offset_ms
+                        else:
+                            spans.stopped(event, speech_started_ms, params.smart_turn)
+                        yield _to_response(event, speech_started_ms)
+                    pending = pending[end:]
+                    pending_start = result.end_offset_samples
+        finally:
+            spans.close()
+            await stream.close()
 
     async def Info(self, request, context):
         info = self.service_info(input_rates=(0,))

@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 
 from voicemesh.runtime.audio import pcm16_to_mulaw
+from voicemesh.runtime.mux import MultiplexedCall
 from voicemesh.v1 import common_pb2, llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc, vad_pb2, vad_pb2_grpc
 
 SPEECH_RMS = 1000.0
@@ -71,6 +72,13 @@ class FakeVad(vad_pb2_grpc.VadServiceServicer):
                     speaking, run = False, 0
                     end = offset - stop_frames * 20
                     yield vad_pb2.DetectResponse(speech_stopped=vad_pb2.SpeechStopped(offset_ms=end, probability=0.9, duration_ms=end - segment_start))
+
+    async def DetectMany(self, request_iterator, context):
+        """Every stream runs Detect, as the real service does (voicemesh.runtime.mux)."""
+        call = MultiplexedCall(lambda requests: self.Detect(requests, context), vad_pb2.DetectManyResponse,
+                               vad_pb2.DetectStreamEvent, "vad", "DetectMany")
+        async for response in call.serve(request_iterator):
+            yield response
 
     async def Info(self, request, context):
         return vad_pb2.VadServiceInfoResponse(info=_info("vad"))

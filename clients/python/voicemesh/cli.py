@@ -1,6 +1,8 @@
 """The `voicemesh` command: serve one service, bring the mesh up, or talk to it."""
 from __future__ import annotations
 
+import voicemesh.grpc_env  # noqa: F401 - first: it sets gRPC's options before grpc loads
+
 import argparse
 import importlib
 import os
