@@ -68,7 +68,7 @@ class FakeVad(vad_pb2_grpc.VadServiceServicer):
     async def DetectMany(self, request_iterator, context):
         """Every stream runs Detect, as the real service does (voicemesh.runtime.mux)."""
         call = MultiplexedCall(lambda requests: self.Detect(requests, context), vad_pb2.DetectManyResponse,
-                               vad_pb2.DetectStreamEvent, "vad", "DetectMany")
+                               vad_pb2.DetectStreamEvent, "vad", "DetectMany", "Detect")
         async for response in call.serve(request_iterator):
             yield response
 

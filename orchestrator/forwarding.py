@@ -11,7 +11,8 @@ reaches the VAD adds to the reply's latency. So each stream gets the piece size 
   not urgent: on a multiplexed call (orchestrator.mux) they may wait a few milliseconds
   to share a write with other sessions' audio. (The VAD still decides; loudness only
   picks the batching. Under a noise floor above QUIET_RMS, or when the VAD hears the
-  pause begin before the audio turns quiet, the stop is at most one piece later.)
+  pause begin before the audio turns quiet, the stop is at most one piece later, plus the
+  multiplexed call's linger.)
 - STT: STT_SPEECH_MS pieces while the user is speaking, STT_IDLE_MS otherwise (the STT
   only keeps that audio as the next turn's pre-roll). Before a turn start everything is
   flushed, and before a Finalize whatever may still hold speech, so the transcripts cover

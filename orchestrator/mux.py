@@ -108,6 +108,8 @@ class StreamMultiplexer:
         while self._pending_bytes >= BACKLOG_BYTES:
             self._room.clear()
             await self._room.wait()
+        if stream_id not in self._streams:
+            return  # it failed or was closed while waiting; its reader learns why
         self._queue(self._message_cls(stream_id=stream_id, request=request), 16 + request.ByteSize(), urgent)
 
     def close_stream(self, stream_id: int) -> None:
@@ -142,6 +144,9 @@ class StreamMultiplexer:
             self._fail(call, err)
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as err:  # the call finished under us
             self._fail(call, rpc_error(grpc.StatusCode.UNAVAILABLE, f"{self.service}: multiplexed call closed ({err})"))
+        except Exception as err:  # noqa: BLE001 - never leave the call up with nobody writing to it
+            log.exception("%s multiplexed call: writer failed", self.service)
+            self._fail(call, rpc_error(grpc.StatusCode.INTERNAL, f"{self.service}: multiplexed call writer failed ({err!r})"))
 
     def _take_batch(self) -> list:
         if self._pending_bytes <= BATCH_BYTES:  # the usual case: everything in one message
@@ -172,6 +177,9 @@ class StreamMultiplexer:
             error = rpc_error(grpc.StatusCode.UNAVAILABLE, f"{self.service}: the multiplexed call ended")
         except grpc.aio.AioRpcError as err:
             error = err
+        except Exception as err:  # noqa: BLE001 - every stream must learn that nobody reads for it
+            log.exception("%s multiplexed call: reader failed", self.service)
+            error = rpc_error(grpc.StatusCode.INTERNAL, f"{self.service}: multiplexed call reader failed ({err!r})")
         self._fail(call, error)
 
     def _fail(self, call, error: grpc.aio.AioRpcError) -> None:

@@ -114,8 +114,10 @@ class Session(TurnTaking):
         self._closed = asyncio.get_running_loop().create_future()
         self.vad_call = self.clients.open_vad_stream()
         self.stt_call = SerialStream(self.clients.stt.Recognize())
-        # Unset, the VAD's stop wait is 200 ms (Smart Turn) or 800 ms; 200 is the safe guess.
-        stop_ms = round((self.config.vad.stop_secs or 0.2) * 1000)
+        # Unset, the VAD's stop wait is 800 ms with Smart Turn off, else 200 ms if the VAD has
+        # the model (800 if not: 200 is then merely early, which costs writes, not latency).
+        smart_turn_off = self.config.turn.HasField("smart_turn") and not self.config.turn.smart_turn
+        stop_ms = round((self.config.vad.stop_secs or (0.8 if smart_turn_off else 0.2)) * 1000)
         self.caller_audio = CallerAudio(self.vad_call, self.stt_call, PIPELINE_RATE_HZ, stop_ms)
         tasks: list[asyncio.Task] = []
         try:

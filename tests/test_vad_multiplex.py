@@ -54,7 +54,7 @@ def _detect_many(stub, streams: dict[int, list[vad_pb2.DetectRequest]], extra_ba
         yield from extra_batches
 
     events: dict[int, list] = {stream_id: [] for stream_id in streams}
-    for response in stub.DetectMany(batches(), timeout=120):
+    for response in stub.DetectMany(batches(), timeout=60):
         for event in response.events:
             events.setdefault(event.stream_id, []).append(event)
     return events
@@ -89,6 +89,10 @@ def test_bad_input_ends_only_its_own_stream(vad_stub):
     flood = vad_pb2.DetectManyRequest(messages=[
         vad_pb2.DetectStreamMessage(stream_id=5, request=_audio(np.zeros(PIECE, np.int16))) for _ in range(600)])
     late = vad_pb2.DetectManyRequest(messages=[vad_pb2.DetectStreamMessage(stream_id=2, request=_config())])
+    # Opened and closed in one request: its task is cancelled before it ever runs, and must
+    # still be forgotten, or the call could never end (the helper waits for it to end).
+    opened_and_closed = vad_pb2.DetectManyRequest(messages=[
+        vad_pb2.DetectStreamMessage(stream_id=10, request=_config()), vad_pb2.DetectStreamMessage(stream_id=10, close=True)])
     streams = {
         1: [_config(), *_pieces(speech)],  # good: unaffected by the others
         2: [_audio(np.zeros(PIECE, np.int16))],  # no config first
@@ -97,7 +101,7 @@ def test_bad_input_ends_only_its_own_stream(vad_stub):
         5: [_config()],  # then 600 messages in one batch: more than a stream may queue
         6: [_config(), _config()],  # config twice
     }
-    events = _detect_many(vad_stub, streams, extra_batches=[flood, late])
+    events = _detect_many(vad_stub, streams, extra_batches=[flood, late, opened_and_closed])
 
     def error(stream_id):
         assert len(events[stream_id]) == 1, events[stream_id]  # one error, nothing after it
@@ -110,6 +114,7 @@ def test_bad_input_ends_only_its_own_stream(vad_stub):
     assert error(5)[0] == "RESOURCE_EXHAUSTED" and "fell 500 messages behind" in error(5)[1]
     assert error(6)[0] == "INVALID_ARGUMENT" and "config may only be sent once" in error(6)[1]
     assert all(e.error.source == "vad" and e.error.fatal for sid in (2, 3, 4, 5, 6) for e in events[sid])
+    assert 10 not in events  # closed by the client: nothing comes back for it
     assert vad_stub.Info(vad_pb2.VadServiceInfoRequest(), timeout=10).info.service == "vad"
 
 

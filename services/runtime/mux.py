@@ -30,7 +30,7 @@ ENDED_IDS_KEPT = 4096  # late messages for a stream that ended are ignored, not 
 class _Stream:
     def __init__(self) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task
 
     async def requests(self) -> AsyncIterator:
         while (request := await self.queue.get()) is not None:
@@ -41,9 +41,11 @@ class MultiplexedCall:
     """Serves one multiplexed call. `handler(requests)` is the single-stream logic: an async
     generator of responses over an async iterator of requests, raising StreamError."""
 
-    def __init__(self, handler: Callable, response_cls, event_cls, source: str, rpc: str):
+    def __init__(self, handler: Callable, response_cls, event_cls, source: str, rpc: str, stream_rpc: str):
+        """`rpc` names the call (e.g. DetectMany) in messages; `stream_rpc` (e.g. Detect) labels
+        each stream's logs and metrics, so dashboards count sessions the same either way."""
         self.handler, self.response_cls, self.event_cls = handler, response_cls, event_cls
-        self.source, self.rpc = source, rpc
+        self.source, self.rpc, self.stream_rpc = source, rpc, stream_rpc
         self.streams: dict[int, _Stream] = {}
         self.ended: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.outbox: list = []
@@ -88,8 +90,8 @@ class MultiplexedCall:
         stream_id = message.stream_id
         stream = self.streams.get(stream_id)
         if message.close:
-            if stream is not None and stream.task is not None:
-                stream.task.cancel()
+            if stream is not None:
+                stream.task.cancel()  # its done callback forgets it, even if it never ran
             return
         if stream is None:
             if stream_id in self.ended:
@@ -100,6 +102,8 @@ class MultiplexedCall:
                 return
             stream = self.streams[stream_id] = _Stream()
             stream.task = asyncio.create_task(self._run(stream_id, stream))
+            # Not a `finally` in _run: a task cancelled before its first step never runs it.
+            stream.task.add_done_callback(lambda _, ended=stream_id: self._forget(ended))
         if stream.queue.qsize() >= MAX_QUEUED_PER_STREAM:
             stream.task.cancel()
             self._end(stream_id, ResourceExhausted(
@@ -109,7 +113,7 @@ class MultiplexedCall:
         stream.queue.put_nowait(message.request)
 
     async def _run(self, stream_id: int, stream: _Stream) -> None:
-        with counted_stream(self.rpc):
+        with counted_stream(self.stream_rpc):
             try:
                 async for response in self.handler(stream.requests()):
                     self._emit(self.event_cls(stream_id=stream_id, response=response))
@@ -117,11 +121,9 @@ class MultiplexedCall:
                 pass  # closed by the client, or the call ended
             except Exception as err:  # noqa: BLE001 - one stream's failure ends that stream only
                 self._end(stream_id, err)
-            finally:
-                self._forget(stream_id)
 
     def _end(self, stream_id: int, err: BaseException) -> None:
-        code, message = status_of(err, f"{self.rpc} stream")
+        code, message = status_of(err, self.stream_rpc)
         self._emit(self.event_cls(stream_id=stream_id, error=common_pb2.Error(
             code=code.name, message=message, fatal=True, source=self.source)))
         self._forget(stream_id)
