@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.mesh_side import MeshUnderTest
-from bench.procs import ROOT, Procs, free_port, pinned, wait_serving
+from bench.procs import ROOT, Procs, free_port, pinned, wait_for_port, wait_serving
 from bench.scenario import Latencies
 from bench.stats import spread
 from bench.venv import bench_python
@@ -72,7 +72,25 @@ def passes(summary: dict, limit_ms: float = 20.0) -> bool:
     return healthy and summary["p99"] is not None and summary["p99"] < limit_ms
 
 
+def grpc_round_trip() -> dict:
+    """One gRPC round trip between a process on core 0 and one on core 1 (bench/rtt.py)."""
+    procs = Procs()
+    try:
+        port = free_port()
+        server = procs.start("rtt-echo", [sys.executable, "-m", "bench.rtt", "serve", "--port", str(port)], cores="1")
+        wait_for_port(port, server)
+        client = procs.start("rtt-ping", [sys.executable, "-m", "bench.rtt", "ping", "--addr", f"127.0.0.1:{port}"],
+                             cores="0", capture=True)
+        out, _ = client.communicate(timeout=60)
+        return json.loads(out)
+    finally:
+        procs.stop_all()
+
+
 def stage_overhead(args, lat: Latencies, results: dict) -> None:
+    results["grpc_round_trip_us"] = grpc_round_trip()
+    log(f"gRPC round trip between two processes: p50 {results['grpc_round_trip_us']['p50_us']} µs, "
+        f"p90 {results['grpc_round_trip_us']['p90_us']} µs")
     mesh, pipecat, pipecat_defaults = {}, {}, {}
     with MeshUnderTest(lat, "0", "1") as under_test:
         for n in args.sessions:

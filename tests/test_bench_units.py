@@ -1,6 +1,11 @@
-"""The bench's pure helpers: percentiles, the spread of repeated runs, the underrun rule,
-and how a run's turns are matched and summarised."""
+"""The bench's helpers: percentiles, the spread of repeated runs, the underrun rule, how a
+run's turns are matched and summarised, and the gRPC round-trip probe."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +67,20 @@ def test_a_session_that_failed_counts_as_an_error_not_as_missed_turns():
     session.error = "stt service: boom"
     result = summarise([session], 490.0, 0.0, 100.0, 0.0, 1.0, [])
     assert (result["missed_turns"], result["error_count"]) == (0, 1)
+
+
+def test_round_trip_probe_echoes_over_loopback(tmp_path):
+    from conftest import Processes, free_port
+    from voicemesh.launcher import wait_for_port
+
+    procs = Processes(tmp_path)
+    try:
+        port = free_port()
+        server = procs.start("rtt-echo", [sys.executable, "-m", "bench.rtt", "serve", "--port", str(port)])
+        wait_for_port(port, server)
+        out = subprocess.run([sys.executable, "-m", "bench.rtt", "ping", "--addr", f"127.0.0.1:{port}", "--count", "20"],
+                             capture_output=True, text=True, timeout=60, check=True, cwd=Path(__file__).parents[1])
+        result = json.loads(out.stdout)
+        assert result["count"] == 20 and 0 < result["p50_us"] <= result["p90_us"]
+    finally:
+        procs.stop_all()
