@@ -199,6 +199,9 @@ class StreamMultiplexer:
         for stream in streams.values():
             stream.fail(error)
         self._pending, self._pending_bytes = [], 0
+        if self._linger is not None:  # nothing of this call is left to wait for
+            self._linger.cancel()
+            self._linger = None
         self._room.set()
 
     async def close(self) -> None:
