@@ -125,8 +125,7 @@ class StreamMultiplexer:
             self._linger = asyncio.get_running_loop().call_later(LINGER_S, self._wakeup.set)
 
     def _start(self) -> None:
-        call = self._call = self._open_call()
-        self._pending, self._pending_bytes = [], 0
+        call = self._call = self._open_call()  # nothing is pending: _fail emptied it
         self._tasks = [asyncio.create_task(self._write_loop(call)), asyncio.create_task(self._read_loop(call))]
 
     async def _write_loop(self, call) -> None:

@@ -48,14 +48,21 @@ def session_formats(config: pb.SessionConfig) -> tuple[common_pb2.AudioFormat, c
     return fmt_in, fmt_out
 
 
+def _smart_turn_and_stop_secs(config: pb.SessionConfig) -> tuple[bool, float]:
+    """Smart Turn (unset: on, where the VAD has the model) and the VAD's stop wait (unset:
+    0.2 s with Smart Turn, 0.8 s without; a VAD without the model also takes 0.8)."""
+    turn = config.turn
+    smart_turn = turn.smart_turn if turn.HasField("smart_turn") else True
+    return smart_turn, config.vad.stop_secs or (0.2 if smart_turn else 0.8)
+
+
 def _validate(config: pb.SessionConfig) -> None:
     vad, turn = config.vad, config.turn
     if not (0 <= vad.confidence <= 1 and 0 <= vad.min_volume <= 1 and 0 <= vad.start_secs <= 5 and 0 <= vad.stop_secs <= 10):
         raise InvalidInput("Converse: vad options out of range (confidence, min_volume 0-1; start_secs 0-5; stop_secs 0-10)")
     if not (0 <= turn.smart_turn_threshold <= 1 and 0 <= turn.max_silence_secs <= 30 and 0 <= turn.final_transcript_timeout_secs <= 30):
         raise InvalidInput("Converse: turn options out of range (smart_turn_threshold 0-1; max_silence_secs, final_transcript_timeout_secs 0-30)")
-    smart_turn = turn.smart_turn if turn.HasField("smart_turn") else True  # unset: on where the VAD has the model
-    stop_secs = vad.stop_secs or (0.2 if smart_turn else 0.8)
+    smart_turn, stop_secs = _smart_turn_and_stop_secs(config)
     if smart_turn and turn.max_silence_secs and turn.max_silence_secs < stop_secs:
         raise InvalidInput(f"Converse: turn.max_silence_secs ({turn.max_silence_secs}) must be at least vad.stop_secs ({stop_secs})")
     lifecycle = config.lifecycle
@@ -114,10 +121,9 @@ class Session(TurnTaking):
         self._closed = asyncio.get_running_loop().create_future()
         self.vad_call = self.clients.open_vad_stream()
         self.stt_call = SerialStream(self.clients.stt.Recognize())
-        # Unset, the VAD's stop wait is 800 ms with Smart Turn off, else 200 ms if the VAD has
-        # the model (800 if not: 200 is then merely early, which costs writes, not latency).
-        smart_turn_off = self.config.turn.HasField("smart_turn") and not self.config.turn.smart_turn
-        stop_ms = round((self.config.vad.stop_secs or (0.8 if smart_turn_off else 0.2)) * 1000)
+        # The least stop wait the VAD may use (taking 0.2 s where it turns out 0.8 only makes
+        # the urgent frames start early, which costs writes, not latency).
+        stop_ms = round(_smart_turn_and_stop_secs(self.config)[1] * 1000)
         self.caller_audio = CallerAudio(self.vad_call, self.stt_call, PIPELINE_RATE_HZ, stop_ms)
         tasks: list[asyncio.Task] = []
         try:

@@ -68,8 +68,7 @@ class MultiplexedCall:
         finally:
             reader.cancel()
             for stream in self.streams.values():
-                if stream.task is not None:
-                    stream.task.cancel()
+                stream.task.cancel()
 
     def _emit(self, event) -> None:
         self.outbox.append(event)
@@ -129,7 +128,8 @@ class MultiplexedCall:
         self._forget(stream_id)
 
     def _forget(self, stream_id: int) -> None:
-        if self.streams.pop(stream_id, None) is not None or stream_id not in self.ended:
+        self.streams.pop(stream_id, None)
+        if stream_id not in self.ended:
             self.ended[stream_id] = None
             if len(self.ended) > ENDED_IDS_KEPT:
                 self.ended.popitem(last=False)
