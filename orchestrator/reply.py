@@ -38,6 +38,15 @@ class Turn:
     calls: "ReplyCalls | None" = None  # LLM and TTS calls opened at the user's stop, before the final
     ttfb_ms: dict[str, float] = field(default_factory=dict)  # per service, for the Metrics event
     tts_characters: int = 0
+    pending_finals: int = 0  # Finalize sent, EndOfUtterance not yet received
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)  # the final's late report and give-up
+    delayed: bool = False  # TurnDelayed already sent
+    ended_as: tuple = ()  # (duration s, interrupted, reason name), set when the turn ends
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
 
     @property
     def latency_ms(self) -> float:

@@ -60,8 +60,13 @@ def _validate(config: pb.SessionConfig) -> None:
     vad, turn = config.vad, config.turn
     if not (0 <= vad.confidence <= 1 and 0 <= vad.min_volume <= 1 and 0 <= vad.start_secs <= 5 and 0 <= vad.stop_secs <= 10):
         raise InvalidInput("Converse: vad options out of range (confidence, min_volume 0-1; start_secs 0-5; stop_secs 0-10)")
-    if not (0 <= turn.smart_turn_threshold <= 1 and 0 <= turn.max_silence_secs <= 30 and 0 <= turn.final_transcript_timeout_secs <= 30):
-        raise InvalidInput("Converse: turn options out of range (smart_turn_threshold 0-1; max_silence_secs, final_transcript_timeout_secs 0-30)")
+    if not (0 <= turn.smart_turn_threshold <= 1 and 0 <= turn.max_silence_secs <= 30 and 0 <= turn.final_transcript_timeout_secs <= 30
+            and 0 <= turn.final_transcript_give_up_secs <= 300):
+        raise InvalidInput("Converse: turn options out of range (smart_turn_threshold 0-1; max_silence_secs, "
+                           "final_transcript_timeout_secs 0-30; final_transcript_give_up_secs 0-300)")
+    if turn.final_transcript_give_up_secs and turn.final_transcript_give_up_secs < turn.final_transcript_timeout_secs:
+        raise InvalidInput(f"Converse: turn.final_transcript_give_up_secs ({turn.final_transcript_give_up_secs}) must be at "
+                           f"least final_transcript_timeout_secs ({turn.final_transcript_timeout_secs})")
     smart_turn, stop_secs = _smart_turn_and_stop_secs(config)
     if smart_turn and turn.max_silence_secs and turn.max_silence_secs < stop_secs:
         raise InvalidInput(f"Converse: turn.max_silence_secs ({turn.max_silence_secs}) must be at least vad.stop_secs ({stop_secs})")
@@ -96,6 +101,7 @@ class Session(TurnTaking):
         self.reply_env = ReplyEnv(clients, self.config, self.output_format, self.bytes_per_second, self.emit, self.tools, self.context)
         self.recorder = _recorder(config, self.emit, self.output_format)
         self.ending = False
+        self.awaiting = {}  # turns that ended before their final transcript came, by turn id
         self.tracing = SessionTracing(self.session_id, client_metadata, dict(config.metadata))
 
     @property
@@ -157,16 +163,13 @@ class Session(TurnTaking):
                 self._drop_speculation(self.turn)
             self.vad_call.cancel()
             self.stt_call.cancel()
-            if self._final_timer:
-                self._final_timer.cancel()
+            self._end_open_turns()  # a turn in flight gets its TurnEnded (REASON_SESSION_ENDED)
             self.tools.cancel_all("session ended")
             if self.recorder:
                 self.recorder.close()
             failure = sys.exc_info()[0]
             if failure is not None:  # bad input (the caller gets the status) or the call went away
                 self.tracing.end("REASON_CANCELLED" if issubclass(failure, asyncio.CancelledError) else "REASON_ERROR")
-        if self.turn is not None and not self.turn.ended:
-            self.tracing.end_turn(self.turn.span, time.monotonic() - self.turn.started_at, self.turn.replying, self.turn.latency_ms)
         self.tracing.end(pb.SessionEnded.Reason.Name(reason))
         self.emit(pb.ConverseResponse(session_ended=pb.SessionEnded(reason=reason)))
         self.events.put_nowait(None)
@@ -196,6 +199,8 @@ class Session(TurnTaking):
         deadline = time.monotonic() + END_TIMEOUT_S
         while time.monotonic() < deadline and self.turn is not None and not self.turn.ended:
             await asyncio.sleep(0.05)
+        if self.turn is not None and not self.turn.ended:  # it gets REASON_SESSION_ENDED
+            log.warning("session %s: End waited %.0f s for turn %d; closing", self.session_id, END_TIMEOUT_S, self.turn.number)
         await self.playout.drained()
         self.close(pb.SessionEnded.REASON_ENDED)
 
@@ -268,8 +273,11 @@ class Session(TurnTaking):
                 self.recorder.advance()  # silent stretches of a text-only session stream out too
             decision = self.timers.check()
             if decision.reprompt:
+                log.info("session %s: the user has been silent %.0f s; re-prompting", self.session_id,
+                         self.config.lifecycle.user_idle_secs)
                 self._bot_says(text=self.timers.prompt)
             elif decision.end_reason:
+                log.info("session %s: ending: %s", self.session_id, pb.SessionEnded.Reason.Name(decision.end_reason))
                 if decision.end_reason == pb.SessionEnded.REASON_IDLE_TIMEOUT:
                     self.emit(pb.ConverseResponse(idle_timeout=pb.IdleTimeout(
                         idle_seconds=decision.idle_seconds, user_idle=decision.user_idle)))

@@ -30,6 +30,9 @@ class OrchestratorMetrics:
         self.sessions = meter.create_counter("voicemesh.sessions", description="Sessions started")
         self.turns = meter.create_counter("voicemesh.turns", description="Turns started")
         self.interruptions = meter.create_counter("voicemesh.interruptions", description="Bot replies cut by barge-in")
+        self.turns_ended = meter.create_counter("voicemesh.turns.ended", description="Turns ended, by TurnEnded reason")
+        self.delayed = meter.create_counter(
+            "voicemesh.turn.delayed", description="Turns reported late (TurnDelayed), by what they wait for")
         self.errors = meter.create_counter("voicemesh.session.errors", description="In-band errors, by code and source")
         self.active_sessions = meter.create_up_down_counter("voicemesh.sessions.active", description="Open sessions")
 
@@ -68,9 +71,11 @@ class SessionTracing:
         )
 
     @staticmethod
-    def end_turn(span: trace.Span, duration_s: float, interrupted: bool, voice_to_voice_ms: float) -> None:
+    def end_turn(span: trace.Span, duration_s: float, interrupted: bool, voice_to_voice_ms: float, reason: str) -> None:
         span.set_attribute("turn.duration_seconds", duration_s)
         span.set_attribute("turn.was_interrupted", interrupted)
+        span.set_attribute("turn.end_reason", reason)
+        metrics().turns_ended.add(1, {"reason": reason})
         if voice_to_voice_ms > 0:
             span.set_attribute("turn.voice_to_voice_seconds", voice_to_voice_ms / 1000)
             metrics().voice_to_voice.record(voice_to_voice_ms)

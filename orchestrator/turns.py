@@ -3,6 +3,12 @@
 A turn starts when the user starts speaking (or types, or the bot speaks first) and ends
 when the bot's reply has been played or cut off. Kept apart from session.py, which owns the
 streams; this mixin only reacts to their events.
+
+No turn is lost to timing: once the user stops, the turn waits for the STT's final transcript
+however long it takes (a late one is reported with TurnDelayed, and only a final that never
+comes is given up, with an Error and REASON_STT_TIMEOUT). Speech after the user's stop is a
+new turn, whatever the STT's speed: a turn still waiting for its final is superseded
+(REASON_INTERRUPTED), its words join the context when they come, and the next reply answers both.
 """
 from __future__ import annotations
 
@@ -20,26 +26,26 @@ from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, stt_pb2, v
 
 log = logging.getLogger("voicemesh.session")
 Speaking = pb.SpeakingEvent
-DEFAULT_FINAL_TIMEOUT_S = 2.0  # bounded wait for STT's final after the user stops
+Ended = pb.TurnEnded
+DEFAULT_FINAL_LATE_S = 2.0  # a final transcript not in by then is reported late (the turn waits on)
+DEFAULT_FINAL_GIVE_UP_S = 30.0  # a final transcript not in by then is given up, with an explicit reason
 
 
 class TurnTaking:
     """Mixin for Session. Expects: emit, playout, tracing, context, mute, timers, stt_call,
-    vad_call, caller_audio, config, reply_env, recorder, _arrival_time."""
+    vad_call, caller_audio, config, reply_env, recorder, _arrival_time, and `awaiting`: a
+    dict of the turns that ended before their final transcript came, by turn id."""
 
     turn: Turn | None = None
     barge: Turn | None = None  # user speech over the bot that has not yet earned an interruption
     turn_count = 0
     reply_task: asyncio.Task | None = None
     user_speaking = False
-    pending_finals = 0
-    _final_timer: asyncio.TimerHandle | None = None
     _barge_serial = 0
 
     # ---- turns -----------------------------------------------------------------------
     def _new_turn(self, started_at: float, turn_id: str = "") -> Turn:
         self._interrupt()
-        self.pending_finals = 0
         self.turn_count += 1
         turn = Turn(number=self.turn_count, turn_id=turn_id or f"{self.session_id}-{self.turn_count}", started_at=started_at)
         turn.span = self.tracing.start_turn(turn.number, turn.turn_id, started_at)
@@ -59,12 +65,17 @@ class TurnTaking:
         self.playout.clear()
         if turn.first_audio_at is not None:
             self.emit(pb.ConverseResponse(clear_playback=pb.ClearPlayback(turn_number=turn.number)))
-        self._end_turn(turn, interrupted=turn.replying)
+        if turn.pending_finals and not turn.replying:
+            self.awaiting[turn.turn_id] = turn  # its final is still coming; its words will join the context
+        self._end_turn(turn, Ended.REASON_INTERRUPTED)
 
-    def _end_turn(self, turn: Turn, interrupted: bool) -> None:
+    def _end_turn(self, turn: Turn, reason: int) -> None:
+        """Every turn ends here, once, with a TurnEnded saying why (see orchestrator.proto)."""
         if turn.ended:
             return
         turn.ended = True
+        interrupted = reason == Ended.REASON_INTERRUPTED or (reason == Ended.REASON_SESSION_ENDED and turn.replying)
+        turn.cancel_timers()
         if turn.calls:
             turn.calls.cancel()
             turn.calls = None
@@ -81,9 +92,14 @@ class TurnTaking:
         self.mute.bot_speaking = False
         self.playout.reset_clock()
         duration = time.monotonic() - turn.started_at
-        self.tracing.end_turn(turn.span, duration, interrupted, turn.latency_ms)
+        turn.ended_as = (duration, interrupted, Ended.Reason.Name(reason))
+        if turn.turn_id not in self.awaiting:  # else its span ends with its final, which it encloses
+            self.tracing.end_turn(turn.span, *turn.ended_as[:2], turn.latency_ms, turn.ended_as[2])
+        if reason != Ended.REASON_ANSWERED:
+            log.info("session %s: turn %d ended: %s", self.session_id, turn.number, turn.ended_as[2])
         self.emit(pb.ConverseResponse(turn_ended=pb.TurnEnded(
-            turn_number=turn.number, duration_seconds=duration, interrupted=interrupted, latency_ms=turn.latency_ms)))
+            turn_number=turn.number, duration_seconds=duration, interrupted=interrupted, latency_ms=turn.latency_ms,
+            reason=reason)))
         if self.config.metrics:
             input_tokens, output_tokens = turn.llm_usage
             self.emit(pb.ConverseResponse(metrics=pb.Metrics(
@@ -121,18 +137,17 @@ class TurnTaking:
 
     # ---- releasing the user's turn -----------------------------------------------------
     def _start_reply(self, turn: Turn) -> None:
-        """Release the turn to the LLM: confirm the speculative reply if it heard the same words."""
-        if self._final_timer:
-            self._final_timer.cancel()
-            self._final_timer = None
+        """Release the turn to the LLM (every final is in): confirm the speculative reply if it
+        heard the same words."""
         if turn.ended or turn.replying:
             return
+        turn.cancel_timers()
         text = turn.user_text.strip()
         speculation, turn.speculation = turn.speculation, None
         if not text:
             if speculation:
                 speculation.task.cancel()
-            self._end_turn(turn, interrupted=False)  # noise, or nothing recognisable (closes turn.calls)
+            self._end_turn(turn, Ended.REASON_NO_SPEECH)  # noise, or nothing recognisable (closes turn.calls)
             return
         turn.replying = True
         self.context.add_user(text)
@@ -175,19 +190,24 @@ class TurnTaking:
             if held is not None:
                 await held.released.wait()
             await self.playout.drained()
-            self._end_turn(turn, interrupted=False)
+            self._end_turn(turn, Ended.REASON_ANSWERED)
         except asyncio.CancelledError:
             raise
-        except grpc.aio.AioRpcError as err:
+        except Exception as err:  # any failure ends this turn with a reason, never silently
+            if isinstance(err, grpc.aio.AioRpcError):
+                code, details = err.code().name, err.details()
+            else:
+                log.exception("session %s: bot reply failed", self.session_id)
+                code, details = "INTERNAL", f"{type(err).__name__}: {err}"
             if held is not None and not held.released.is_set():
-                log.info("session %s: speculative reply failed: %s", self.session_id, err.details())
+                log.info("session %s: speculative reply failed: %s", self.session_id, details)
                 if turn.speculation and turn.speculation.held is held:
                     turn.speculation = None  # the turn will start a fresh reply when confirmed
                 return
-            self.tracing.error(err.code().name, "llm/tts")
+            self.tracing.error(code, "llm/tts")
             self.emit(pb.ConverseResponse(error=common_pb2.Error(
-                code=err.code().name, message=f"bot reply failed: {err.details()}", fatal=False, source="llm/tts")))
-            self._end_turn(turn, interrupted=False)
+                code=code, message=f"bot reply failed: {details}", fatal=False, source="llm/tts")))
+            self._end_turn(turn, Ended.REASON_REPLY_FAILED)
 
     # ---- the user speaking -------------------------------------------------------------
     def _bot_replying(self) -> bool:
@@ -209,16 +229,11 @@ class TurnTaking:
                 await self._send_turn_start(self.barge, offset_ms)
                 return
         turn = self.turn
-        if turn is None or turn.ended or turn.replying:
-            turn = self._new_turn(self._arrival_time(offset_ms))  # interrupts a reply in progress (barge-in)
-        else:  # the user resumed before the turn was released: same turn, words still coming
-            self._drop_speculation(turn)
-            if turn.calls:
-                turn.calls.cancel()
-                turn.calls = None
-            if self._final_timer:
-                self._final_timer.cancel()
-                self._final_timer = None
+        if turn is None or turn.ended or turn.replying or turn.user_end_at is not None:
+            # A new turn. It interrupts a reply in progress (barge-in), or supersedes a turn still
+            # waiting for its final: speech after the user's stop is a new turn however fast the
+            # STT is, so the outcome never depends on the machine's speed.
+            turn = self._new_turn(self._arrival_time(offset_ms))
         self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STARTED, turn_number=turn.number, offset_ms=offset_ms)))
         await self._send_turn_start(turn, offset_ms)
 
@@ -253,17 +268,47 @@ class TurnTaking:
         self.timers.activity()
         turn.user_end_at = self._arrival_time(offset_ms)
         self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STOPPED, turn_number=turn.number, offset_ms=offset_ms)))
-        self.pending_finals += 1
+        turn.pending_finals += 1
         turn.finalize_sent_at = time.monotonic()
         await self.caller_audio.flush_stt(offset_ms)
         await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=turn.turn_id)))
         if turn.calls is None:
             turn.calls = ReplyCalls.open(self.reply_env.clients, call_metadata(turn, speculative=False))
-        # Bounded wait for the final transcript: release the turn with what we have.
-        if self._final_timer:
-            self._final_timer.cancel()
-        timeout = self.config.turn.final_transcript_timeout_secs or DEFAULT_FINAL_TIMEOUT_S
-        self._final_timer = asyncio.get_running_loop().call_later(timeout, self._start_reply, turn)
+        self._watch_final(turn)
+
+    # ---- waiting for the final transcript ----------------------------------------------
+    def _watch_final(self, turn: Turn) -> None:
+        """The turn waits for its final; these timers only report a late one, or give up on one
+        that never comes. Neither releases the turn with a partial transcript."""
+        turn.cancel_timers()
+        options = self.config.turn
+        late = options.final_transcript_timeout_secs or DEFAULT_FINAL_LATE_S
+        give_up = options.final_transcript_give_up_secs or max(DEFAULT_FINAL_GIVE_UP_S, late)
+        loop = asyncio.get_running_loop()
+        turn.timers = [loop.call_later(late, self._final_late, turn, late),
+                       loop.call_later(give_up, self._final_given_up, turn, give_up)]
+
+    def _final_late(self, turn: Turn, waited: float) -> None:
+        if turn.ended or turn.replying or not turn.pending_finals or turn.delayed:
+            return
+        turn.delayed = True
+        log.warning("session %s: turn %d: no final transcript %.1f s after the user stopped; still waiting",
+                    self.session_id, turn.number, waited)
+        metrics().delayed.add(1, {"waiting_for": "stt"})
+        self.emit(pb.ConverseResponse(turn_delayed=pb.TurnDelayed(
+            turn_number=turn.number, waiting_for="stt", waited_seconds=waited)))
+
+    def _final_given_up(self, turn: Turn, waited: float) -> None:
+        if turn.ended or turn.replying:
+            return
+        message = (f"no final transcript from the STT service {waited:.1f} s after the user stopped; turn "
+                   f"{turn.number} is given up (TurnOptions.final_transcript_give_up_secs)")
+        log.warning("session %s: %s", self.session_id, message)
+        self.tracing.error("DEADLINE_EXCEEDED", "stt")
+        self.emit(pb.ConverseResponse(error=common_pb2.Error(
+            code="DEADLINE_EXCEEDED", message=message, fatal=False, source="stt")))
+        self._drop_speculation(turn)
+        self._end_turn(turn, Ended.REASON_STT_TIMEOUT)
 
     def _on_transcript(self, transcript) -> None:
         """Route one STT transcript to the turn it belongs to."""
@@ -278,8 +323,13 @@ class TurnTaking:
                 if not self.user_speaking:
                     self._start_reply(self.turn)  # the user already stopped speaking
             return
+        superseded = self.awaiting.get(transcript.turn_id)
+        if superseded is not None:
+            if transcript.is_final:
+                self._accept_final(superseded, transcript)
+            return
         turn = self.turn
-        if turn is None or transcript.turn_id != turn.turn_id or turn.replying:
+        if turn is None or transcript.turn_id != turn.turn_id or turn.replying or turn.ended:
             return  # late result for a turn that is already over
         if transcript.at_pause and not transcript.is_final:
             self._speculate(turn, f"{turn.user_text} {transcript.text}".strip())
@@ -300,10 +350,37 @@ class TurnTaking:
             confidence=transcript.confidence, language=transcript.language)))
 
     def _on_end_of_utterance(self, turn_id: str) -> None:
+        superseded = self.awaiting.get(turn_id)
+        if superseded is not None:
+            superseded.pending_finals = max(0, superseded.pending_finals - 1)
+            if not superseded.pending_finals:
+                self._settle(superseded)
+            return
         turn = self.turn
         if turn is None or turn_id != turn.turn_id:
             return
-        self.pending_finals = max(0, self.pending_finals - 1)
+        turn.pending_finals = max(0, turn.pending_finals - 1)
         # Release the turn once every utterance in it is final and the user is quiet.
-        if self.pending_finals == 0 and not self.user_speaking:
+        if turn.pending_finals == 0 and not self.user_speaking:
             self._start_reply(turn)
+
+    def _settle(self, turn: Turn) -> None:
+        """A superseded turn's final is in: its words join the context, ahead of the next turn's
+        (finals come in the order of the Finalize messages), and its span ends."""
+        del self.awaiting[turn.turn_id]
+        text = turn.user_text.strip()
+        if text:
+            self.context.add_user(text)
+            if self.recorder:
+                self.recorder.entry("user", text)
+        self.tracing.end_turn(turn.span, *turn.ended_as[:2], turn.latency_ms, turn.ended_as[2])
+
+    def _end_open_turns(self) -> None:
+        """The session is over: the turn in flight ends with REASON_SESSION_ENDED; superseded
+        turns whose final never came keep the reason they ended with."""
+        if self.turn is not None and not self.turn.ended:
+            self._drop_speculation(self.turn)
+            self._end_turn(self.turn, Ended.REASON_SESSION_ENDED)
+        for turn in list(self.awaiting.values()):
+            del self.awaiting[turn.turn_id]
+            self.tracing.end_turn(turn.span, *turn.ended_as[:2], turn.latency_ms, turn.ended_as[2])

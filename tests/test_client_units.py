@@ -213,8 +213,8 @@ async def test_tracker_folds_events_into_turns_and_waits_for_open_turns():
 def test_json_output_shape():
     result = TalkResult(session_id="abc", user_transcripts=["hello"], bot_audio=bytearray(24000 * 2 * 3 // 2))
     result.turns = [
-        TurnResult(1, "hello", "Hi there.", latency_ms=812.345, server_latency_ms=640.0),
-        TurnResult(2, "", "", latency_ms=None, server_latency_ms=None, interrupted=True),
+        TurnResult(1, "hello", "Hi there.", latency_ms=812.345, server_latency_ms=640.0, reason="ANSWERED"),
+        TurnResult(2, "", "", latency_ms=None, server_latency_ms=None, interrupted=True, reason="INTERRUPTED", delayed=True),
     ]
     report = json.loads(json.dumps(result.to_json()))
     assert set(report) == {"user_transcripts", "bot_texts", "turns", "audio_seconds", "session_id"}
@@ -222,9 +222,10 @@ def test_json_output_shape():
     assert report["audio_seconds"] == pytest.approx(1.5) and report["session_id"] == "abc"
     assert report["turns"][0] == {
         "number": 1, "user_transcript": "hello", "bot_text": "Hi there.",
-        "latency_ms": 812.3, "server_latency_ms": 640.0, "interrupted": False,
+        "latency_ms": 812.3, "server_latency_ms": 640.0, "interrupted": False, "reason": "ANSWERED", "delayed": False,
     }
     assert report["turns"][1]["latency_ms"] is None and report["turns"][1]["interrupted"] is True
+    assert report["turns"][1]["reason"] == "INTERRUPTED" and report["turns"][1]["delayed"] is True
 
 
 def test_result_ok_only_when_the_session_ended_cleanly():

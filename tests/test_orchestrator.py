@@ -87,7 +87,10 @@ async def test_cancel_ends_at_once(fake_mesh):
         await probe.cancel()
         ended = await probe.wait_for(lambda e: e.HasField("session_ended"))
         assert ended.session_ended.reason == pb.SessionEnded.REASON_CANCELLED
-        assert "turn_ended" not in probe.kinds()  # nothing more was spoken
+        # The turn in flight is told it ended with the session, just before SessionEnded.
+        (turn,) = probe.of("turn_ended")
+        assert turn.reason == pb.TurnEnded.REASON_SESSION_ENDED and turn.interrupted
+        assert probe.kinds()[-2:] == ["turn_ended", "session_ended"]
 
 
 async def test_end_waits_for_reply(fake_mesh):

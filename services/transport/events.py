@@ -65,7 +65,8 @@ def event_json(response: pb.ConverseResponse) -> dict | None:
         return {"type": kind, "turn": body.turn_number, "turn_id": body.turn_id}
     if kind == "turn_ended":
         event = {"type": kind, "turn": body.turn_number, "duration_s": round(body.duration_seconds, 3),
-                 "interrupted": body.interrupted, "latency_ms": round(body.latency_ms, 1)}
+                 "interrupted": body.interrupted, "latency_ms": round(body.latency_ms, 1),
+                 "reason": pb.TurnEnded.Reason.Name(body.reason).removeprefix("REASON_").lower()}
         # Per-service TTFB, once TurnEnded carries a `metrics` field; the page draws its waterfall.
         if "metrics" in body.DESCRIPTOR.fields_by_name and body.HasField("metrics"):
             event["metrics"] = MessageToDict(body.metrics, preserving_proto_field_name=True)

@@ -8,6 +8,9 @@ port, with fixed, known behaviour so orchestrator tests can assert exact event s
 - STT: the final transcript of the n-th utterance is the n-th entry of FAKE_TRANSCRIPTS
   (comma-separated env), else "utterance <n>"; after each turn start, an interim every
   200 ms of audio with WORDS_PER_SECOND words per second of audio so far ("w1 w2 ...").
+  A late STT on demand: in a session whose id starts with "hold-", every final (and its
+  end of utterance) is held, in order, until the test calls Control/Release with that
+  session id (`release_finals`); in one whose id starts with "silent-", finals are empty.
 - LLM: replies "You said: <last user message>." word by word, TOKEN_DELAY_S apart; a
   message containing "long story" gets a 30-sentence reply (for barge-in tests). With
   tools declared, "weather in X and Y" calls get_weather once per city (in parallel), then
@@ -84,14 +87,51 @@ class FakeVad(vad_pb2_grpc.VadServiceServicer):
         return vad_pb2.VadServiceInfoResponse(info=_info("vad"))
 
 
+RELEASES: dict[str, asyncio.Event] = {}  # session id -> set once its held finals may go
+RELEASE_METHOD = "/fakes.Control/Release"
+
+
+async def _release(request: bytes, context) -> bytes:
+    RELEASES.setdefault(request.decode(), asyncio.Event()).set()
+    return b""
+
+
+def release_finals(address: str, session_id: str) -> None:
+    """Let the held finals of a "hold-" session go (from a test, over gRPC)."""
+    with grpc.insecure_channel(address) as channel:
+        channel.unary_unary(RELEASE_METHOD)(session_id.encode(), timeout=30)
+
+
 class FakeStt(stt_pb2_grpc.SttServiceServicer):
     async def Recognize(self, request_iterator, context):
+        out: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._recognize(request_iterator, out))
+        try:
+            while (response := await out.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+
+    async def _recognize(self, request_iterator, out: asyncio.Queue) -> None:
         scripted = [t for t in os.environ.get("FAKE_TRANSCRIPTS", "").split(",") if t]
         utterances = 0
         turn_id, heard_ms, next_interim_ms = "", 0, 0
+        session_id, held = "", []
+        flusher = None
+
+        async def flush_when_released(release: asyncio.Event) -> None:
+            await release.wait()
+            for response in held:
+                out.put_nowait(response)
+            held.clear()
+
         async for request in request_iterator:
             kind = request.WhichOneof("request")
-            if kind == "turn_start":
+            if kind == "config":
+                session_id = request.config.session_id
+                if session_id.startswith("hold-"):
+                    flusher = asyncio.create_task(flush_when_released(RELEASES.setdefault(session_id, asyncio.Event())))
+            elif kind == "turn_start":
                 turn_id, heard_ms, next_interim_ms = request.turn_start.turn_id, 0, 200
             elif kind == "audio" and turn_id:
                 samples = np.frombuffer(request.audio.data, dtype="<i2").astype(np.float64)
@@ -101,14 +141,23 @@ class FakeStt(stt_pb2_grpc.SttServiceServicer):
                     next_interim_ms += 200
                     words = " ".join(f"w{n}" for n in range(1, 1 + heard_ms * WORDS_PER_SECOND // 1000))
                     if words:
-                        yield stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=words, turn_id=turn_id))
+                        out.put_nowait(stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=words, turn_id=turn_id)))
             elif kind == "finalize":
                 text = scripted[utterances] if utterances < len(scripted) else f"utterance {utterances + 1}"
+                text = "" if session_id.startswith("silent-") else text
                 utterances += 1
                 turn_id = request.finalize.turn_id
-                yield stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=text, is_final=True, confidence=1.0, turn_id=turn_id))
-                yield stt_pb2.RecognizeResponse(end_of_utterance=stt_pb2.EndOfUtterance(turn_id=turn_id))
+                final = (stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=text, is_final=True, confidence=1.0, turn_id=turn_id)),
+                         stt_pb2.RecognizeResponse(end_of_utterance=stt_pb2.EndOfUtterance(turn_id=turn_id)))
+                if flusher is not None and not flusher.done():
+                    held.extend(final)  # a late STT: these go when the test releases them
+                else:
+                    for response in final:
+                        out.put_nowait(response)
                 turn_id = ""
+        if flusher is not None:
+            flusher.cancel()
+        out.put_nowait(None)
 
     async def Info(self, request, context):
         return stt_pb2.SttServiceInfoResponse(info=_info("stt"))
@@ -204,6 +253,8 @@ async def main(port: int) -> None:
     stt_pb2_grpc.add_SttServiceServicer_to_server(FakeStt(), server)
     llm_pb2_grpc.add_LlmServiceServicer_to_server(FakeLlm(), server)
     tts_pb2_grpc.add_TtsServiceServicer_to_server(FakeTts(), server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "fakes.Control", {"Release": grpc.unary_unary_rpc_method_handler(_release)}),))
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise SystemExit(f"port {port} is taken")
     await server.start()

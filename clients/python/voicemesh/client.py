@@ -269,7 +269,7 @@ def _talk(args: argparse.Namespace) -> int:
         for turn in result.turns:
             latency = f"{turn.latency_ms:.0f} ms" if turn.latency_ms is not None else "n/a"
             server = f"{turn.server_latency_ms:.0f} ms" if turn.server_latency_ms is not None else "n/a"
-            flag = " (interrupted)" if turn.interrupted else ""
+            flag = "" if turn.reason in ("ANSWERED", "") else f" ({turn.reason.lower().replace('_', ' ')})"
             print(f"turn {turn.number}: latency {latency} (server-reported {server}){flag}")
             print(f"  you> {turn.user_transcript}")
             print(f"  bot> {turn.bot_text}")

@@ -24,6 +24,7 @@ from voicemesh.wavio import SEND_RATE_HZ, Segment, assign_latencies, send_time, 
 
 CHUNK_MS = 40
 END_REASONS = {v.number: v.name.removeprefix("REASON_") for v in orchestrator_pb2.SessionEnded.Reason.DESCRIPTOR.values}
+TURN_REASONS = {v.number: v.name.removeprefix("REASON_") for v in orchestrator_pb2.TurnEnded.Reason.DESCRIPTOR.values}
 pb = orchestrator_pb2
 
 
@@ -52,6 +53,8 @@ class TurnResult:
     server_latency_ms: float | None = None  # TurnEnded.latency_ms
     interrupted: bool = False
     ended: bool = False
+    reason: str = ""  # TurnEnded reason: "ANSWERED", "INTERRUPTED", "NO_SPEECH", ...
+    delayed: bool = False  # a TurnDelayed came (the final transcript was late)
 
     def to_json(self) -> dict:
         return {
@@ -61,6 +64,8 @@ class TurnResult:
             "latency_ms": _round(self.latency_ms),
             "server_latency_ms": _round(self.server_latency_ms),
             "interrupted": self.interrupted,
+            "reason": self.reason,
+            "delayed": self.delayed,
         }
 
 
@@ -154,9 +159,12 @@ class SessionTracker:
         elif kind == "turn_ended":
             turn = self.turn(event.turn_number)
             turn.ended, turn.interrupted = True, event.interrupted
+            turn.reason = TURN_REASONS.get(event.reason, str(event.reason))
             turn.server_latency_ms = event.latency_ms or None
             self.open_turns.discard(event.turn_number)
             self.last_turn_end = now
+        elif kind == "turn_delayed":
+            self.turn(event.turn_number).delayed = True
         elif kind == "error":
             result.errors.append(ServerError(event.code, event.message, event.source, event.fatal))
         elif kind == "session_ended":

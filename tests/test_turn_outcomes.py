@@ -1,0 +1,164 @@
+"""No spoken turn is lost to timing: every turn the user starts ends with a TurnEnded whose
+reason says what became of it, and a late final transcript is still answered.
+
+The scripted STT answers late on demand (sessions named "hold-...": their finals wait until
+the test releases them), so each path below is reached by the order of events, never by a
+race against the clock."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, Processes, free_port, wait_for_port, wait_serving
+from converse_probe import PCM16_16K, ConverseProbe, event_is, silence, tone
+from tests.fakes.scripted import release_finals
+from voicemesh.v1 import orchestrator_pb2 as pb
+
+Ended = pb.TurnEnded
+FIRST_WORDS = "first words"  # every session's first final; its second asks the fake LLM to count messages
+Speaking = pb.SpeakingEvent
+
+
+@pytest.fixture(scope="module")
+def late_mesh(tmp_path_factory):
+    """The real orchestrator in front of the scripted fakes; yields (orchestrator, fakes) addresses."""
+    procs = Processes(tmp_path_factory.mktemp("late-mesh"))
+    try:
+        fake_port, orch_port = free_port(), free_port()
+        fakes = procs.start("fakes", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(fake_port)],
+                            env={"FAKE_TRANSCRIPTS": f"{FIRST_WORDS},count messages"})
+        wait_for_port(fake_port, fakes)
+        fake_addr = f"127.0.0.1:{fake_port}"
+        procs.serve("orchestrator", orch_port, {f"VOICEMESH_{kind}_ADDR": fake_addr for kind in ("VAD", "STT", "LLM", "TTS")})
+        wait_serving(f"127.0.0.1:{orch_port}", timeout=120)
+        yield f"127.0.0.1:{orch_port}", fake_addr
+    finally:
+        procs.stop_all()
+
+
+def held_config(prefix: str = "hold", **turn) -> pb.SessionConfig:
+    return pb.SessionConfig(input_format=PCM16_16K, session_id=f"{prefix}-{uuid.uuid4().hex[:8]}",
+                            turn=pb.TurnOptions(**turn))
+
+
+def utterance() -> np.ndarray:
+    return np.concatenate((tone(0.6), silence(1.0)))  # the fake VAD stops after 0.8 s of quiet
+
+
+async def release(fakes: str, session_id: str) -> None:
+    await asyncio.to_thread(release_finals, fakes, session_id)
+
+
+async def test_a_late_final_is_still_answered(late_mesh):
+    """The 0.1 s timeout case: the final comes long after the timeout; the turn is reported
+    delayed, waits, and is answered."""
+    orchestrator, fakes = late_mesh
+    config = held_config(final_transcript_timeout_secs=0.1)
+    async with ConverseProbe(orchestrator, config) as probe:
+        await probe.send_audio(utterance())
+        delayed = await probe.wait_for(lambda e: e.HasField("turn_delayed"), timeout=60)
+        assert delayed.turn_delayed.turn_number == 1 and delayed.turn_delayed.waiting_for == "stt"
+        assert "turn_ended" not in probe.kinds()  # still waiting: nothing was given up
+        await release(fakes, config.session_id)
+        ended = (await probe.wait_for(event_is("turn_ended", turn_number=1), timeout=60)).turn_ended
+        assert ended.reason == Ended.REASON_ANSWERED and ended.latency_ms > 0, ended
+        assert [t.text for t in probe.of("bot_text")] == [f"You said: {FIRST_WORDS}."]
+        kinds = probe.kinds()
+        assert kinds.index("turn_delayed") < kinds.index("user_transcript") < kinds.index("bot_text")
+
+
+async def test_a_final_that_never_comes_is_given_up_with_a_reason(late_mesh):
+    orchestrator, _ = late_mesh
+    config = held_config(final_transcript_timeout_secs=0.1, final_transcript_give_up_secs=0.5)
+    async with ConverseProbe(orchestrator, config) as probe:
+        await probe.send_audio(utterance())
+        ended = (await probe.wait_for(event_is("turn_ended", turn_number=1), timeout=60)).turn_ended
+        assert ended.reason == Ended.REASON_STT_TIMEOUT, ended
+        (error,) = probe.of("error")
+        assert error.source == "stt" and error.code == "DEADLINE_EXCEEDED" and not error.fatal
+        assert "final_transcript_give_up_secs" in error.message
+        kinds = probe.kinds()
+        assert kinds.index("turn_delayed") < kinds.index("error") < kinds.index("turn_ended")
+        assert "bot_text" not in kinds
+
+
+async def test_speech_with_no_words_ends_with_no_speech(late_mesh):
+    orchestrator, _ = late_mesh
+    async with ConverseProbe(orchestrator, held_config("silent")) as probe:
+        await probe.send_audio(utterance())
+        ended = (await probe.wait_for(event_is("turn_ended", turn_number=1), timeout=60)).turn_ended
+        assert ended.reason == Ended.REASON_NO_SPEECH and not ended.interrupted, ended
+        assert "bot_text" not in probe.kinds()
+
+
+async def test_speaking_again_before_the_final_is_a_new_turn_answering_both(late_mesh):
+    """Two utterances while the STT is slow: two turns, never one merged turn; the first is
+    superseded, its words come later and join the context ahead of the second's."""
+    orchestrator, fakes = late_mesh
+    config = held_config()
+    async with ConverseProbe(orchestrator, config) as probe:
+        await probe.send_audio(utterance())
+        await probe.wait_for(event_is("speaking", kind=Speaking.KIND_USER_STOPPED, turn_number=1), timeout=60)
+        await probe.send_audio(utterance())
+        first = (await probe.wait_for(event_is("turn_ended", turn_number=1), timeout=60)).turn_ended
+        assert first.reason == Ended.REASON_INTERRUPTED and first.interrupted, first
+        await probe.wait_for(event_is("speaking", kind=Speaking.KIND_USER_STOPPED, turn_number=2), timeout=60)
+        await release(fakes, config.session_id)
+        second = (await probe.wait_for(event_is("turn_ended", turn_number=2), timeout=60)).turn_ended
+        assert second.reason == Ended.REASON_ANSWERED, second
+        finals = [(t.turn_number, t.text) for t in probe.of("user_transcript") if t.is_final]
+        assert finals == [(1, FIRST_WORDS), (2, "count messages")]
+        # The LLM saw the system prompt and both user messages: the first turn's words were kept.
+        assert [t.text for t in probe.of("bot_text")] == ["I see 3 messages."]
+        assert [t.turn_number for t in probe.of("turn_started")] == [1, 2]
+
+
+async def test_end_waits_for_a_late_final_and_answers_it(late_mesh):
+    orchestrator, fakes = late_mesh
+    config = held_config(final_transcript_timeout_secs=0.1)
+    async with ConverseProbe(orchestrator, config) as probe:
+        await probe.send_audio(utterance())
+        await probe.wait_for(lambda e: e.HasField("turn_delayed"), timeout=60)
+        await probe.end()
+        await release(fakes, config.session_id)
+        ended = await probe.wait_for(lambda e: e.HasField("session_ended"), timeout=60)
+        assert ended.session_ended.reason == pb.SessionEnded.REASON_ENDED
+        (turn,) = probe.of("turn_ended")
+        assert turn.reason == Ended.REASON_ANSWERED
+        assert probe.of("bot_text")
+
+
+async def test_cancel_with_a_turn_in_flight_says_so(late_mesh):
+    orchestrator, _ = late_mesh
+    async with ConverseProbe(orchestrator, held_config()) as probe:
+        await probe.send_audio(utterance())
+        await probe.wait_for(event_is("speaking", kind=Speaking.KIND_USER_STOPPED), timeout=60)
+        await probe.cancel()
+        await probe.wait_for(lambda e: e.HasField("session_ended"), timeout=60)
+        (turn,) = probe.of("turn_ended")
+        assert turn.reason == Ended.REASON_SESSION_ENDED
+        kinds = probe.kinds()
+        assert kinds.index("turn_ended") < kinds.index("session_ended")
+
+
+@pytest.mark.e2e
+@pytest.mark.models
+def test_the_real_stack_answers_past_a_tiny_final_timeout(real_mesh):
+    """On the embedded models, with the final timeout at 0.1 s (Whisper always takes longer):
+    the turn is reported delayed and still answered."""
+    from voicemesh.talk import talk_session
+    from voicemesh.wavio import load_for_sending
+
+    def configure(config: pb.SessionConfig) -> None:
+        config.turn.final_transcript_timeout_secs = 0.1
+
+    result = asyncio.run(talk_session(real_mesh.orchestrator_address, load_for_sending(FIXTURES / "question_capital.wav"),
+                                      configure=configure))
+    assert len(result.turns) == 1, result.to_json()
+    (turn,) = result.turns
+    assert turn.delayed and turn.reason == "ANSWERED", result.to_json()
+    assert "capital" in turn.user_transcript.lower() and turn.bot_text
