@@ -6,6 +6,11 @@ Lifecycle of a process:
   3. health SERVING;
   4. on SIGTERM/SIGINT: health NOT_SERVING, new streams refused, open streams get
      `grace_seconds` to finish, then the provider is closed and the process exits.
+
+A process started by `voicemesh up` (or the Mesh harness) also gets a lifeline: the read end
+of a pipe whose only write end the supervisor holds (fd number in VOICEMESH_LIFELINE_FD). When
+the supervisor dies, however it dies, the pipe reads EOF and the process stops as on SIGTERM,
+so a killed supervisor leaves no service behind on its ports.
 """
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ import asyncio
 import gc
 import importlib
 import logging
+import os
 import signal
+import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +39,8 @@ from voicemesh.v1 import common_pb2
 
 log = logging.getLogger("voicemesh.server")
 VERSION = "0.1.0"
+LIFELINE_ENV = "VOICEMESH_LIFELINE_FD"  # set by voicemesh.launcher, which holds the write end
+LIFELINE_EXIT_MARGIN = 10.0  # after the supervisor's death: grace + this, then exit regardless
 
 
 class ServicerBase:
@@ -107,7 +117,57 @@ def provider_service(
     )
 
 
+def take_lifeline() -> int | None:
+    """The supervisor's lifeline fd, if this process was given one. Taken once: the env var is
+    cleared and the fd made non-inheritable, so subprocesses (espeak-ng) never hold it open."""
+    raw = os.environ.pop(LIFELINE_ENV, None)
+    if not raw:
+        return None  # started by hand: no supervisor to follow
+    try:
+        fd = int(raw)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OSError(f"fd {fd} is not a pipe")
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError) as err:
+        log.warning("ignoring %s=%r: %s", LIFELINE_ENV, raw, err)
+        return None
+    return fd
+
+
+def watch_lifeline(loop: asyncio.AbstractEventLoop, fd: int, gone: Callable[[], None]) -> None:
+    """Call `gone` (once) when the supervisor is gone: the pipe reads EOF when its write end
+    closes, which happens when the supervisor exits, however it exits."""
+
+    def readable() -> None:
+        try:
+            if os.read(fd, 512):
+                return  # nothing is ever written; ignore it if something is
+        except OSError:
+            pass
+        loop.remove_reader(fd)
+        gone()
+
+    loop.add_reader(fd, readable)
+
+
+def _orphaned(stop: asyncio.Event, grace_seconds: float) -> None:
+    """The supervisor died: stop as on SIGTERM. Nobody is left to SIGKILL a stop that hangs
+    (as the supervisor would), so a timer ends the process after the grace period and a margin."""
+    log.warning("supervisor gone (lifeline closed); stopping")
+    stop.set()
+    seconds = grace_seconds + LIFELINE_EXIT_MARGIN
+    timer = threading.Timer(seconds, _exit_now, (seconds,))
+    timer.daemon = True
+    timer.start()
+
+
+def _exit_now(seconds: float) -> None:
+    log.error("still stopping %.0f s after the supervisor died; exiting now", seconds)
+    os._exit(1)
+
+
 async def serve_async(definition: ServiceDefinition, settings: ServeSettings) -> int:
+    lifeline = take_lifeline()  # first, before the provider can start any subprocess
     server = grpc.aio.server(options=grpc_server_options(settings))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -136,6 +196,8 @@ async def serve_async(definition: ServiceDefinition, settings: ServeSettings) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if lifeline is not None:
+        watch_lifeline(loop, lifeline, lambda: _orphaned(stop, settings.grace_seconds))
 
     startup = asyncio.create_task(servicer.startup())
     done, _ = await asyncio.wait({startup, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 
 from opentelemetry import metrics, propagate, trace
@@ -29,6 +30,11 @@ from opentelemetry.trace import Status, StatusCode
 log = logging.getLogger("voicemesh.telemetry")
 _tracer_provider: TracerProvider | None = None
 _meter_provider: MeterProvider | None = None
+_otlp_exporters: list = []  # shut down directly when flushing at exit overruns its budget
+# At exit, flushing gets this long in all. The OTLP exporter retries a failed export with backoff
+# for up to OTEL_EXPORTER_OTLP_TIMEOUT (10 s) per batch, and the SDK's flush timeouts do not
+# reach it (opentelemetry-python#4568), so a dead collector held every stopping process 10+ s.
+SHUTDOWN_SECONDS = 1.0
 
 
 def _wants_otlp(signal: str) -> bool:
@@ -52,7 +58,8 @@ def setup(kind: str, attributes: Mapping[str, str]) -> None:
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            _tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            _otlp_exporters.append(exporter := OTLPSpanExporter())
+            _tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         elif name == "console":
             _tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(_tracer_provider)
@@ -62,7 +69,8 @@ def setup(kind: str, attributes: Mapping[str, str]) -> None:
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+            _otlp_exporters.append(exporter := OTLPMetricExporter())
+            readers.append(PeriodicExportingMetricReader(exporter))
         elif name == "console":
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     _meter_provider = MeterProvider(resource=resource, metric_readers=readers)
@@ -70,14 +78,35 @@ def setup(kind: str, attributes: Mapping[str, str]) -> None:
     log.info("telemetry", extra={"traces": sorted(_exporter_names("TRACES")), "metrics": sorted(_exporter_names("METRICS"))})
 
 
-def shutdown() -> None:
-    """Flush what is buffered (called on SIGTERM after the drain), then stop exporting."""
-    if _tracer_provider is not None:
-        _tracer_provider.force_flush(10_000)
-        _tracer_provider.shutdown()
-    if _meter_provider is not None:
-        _meter_provider.force_flush(10_000)
-        _meter_provider.shutdown()
+def shutdown(timeout: float = SHUTDOWN_SECONDS) -> None:
+    """Flush what is buffered (called on SIGTERM after the drain), then stop exporting.
+
+    Takes at most about `timeout` seconds (plus up to one more to stop the exporters): what
+    has not left by then is dropped, so an unreachable collector cannot hold up a stop."""
+    providers = [provider for provider in (_tracer_provider, _meter_provider) if provider is not None]
+    if not providers:
+        return
+    millis = int(timeout * 1000)
+
+    def flush_and_stop() -> None:
+        for provider in providers:
+            with contextlib.suppress(Exception):  # a failed flush must not keep the other one in
+                provider.force_flush(millis)
+        if _tracer_provider is not None:
+            _tracer_provider.shutdown()
+        if _meter_provider is not None:
+            _meter_provider.shutdown(timeout_millis=millis)
+
+    worker = threading.Thread(target=flush_and_stop, name="telemetry-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        log.warning("telemetry not flushed within %.1f s (collector unreachable?); dropping the rest", timeout)
+        for exporter in _otlp_exporters:
+            # Public API, safe beside an export in flight: it ends the exporter's retry wait at
+            # once and closes its channel, which cancels the call; further exports fail at once.
+            exporter.shutdown()
+        worker.join(1.0)
 
 
 def tracer() -> trace.Tracer:

@@ -2,6 +2,9 @@
 
 `Mesh` is also the end-to-end tests' harness: it starts the real services on the ports given,
 waits for gRPC health SERVING, and always stops what it started (SIGTERM by pid, then SIGKILL).
+
+Its services die when it dies, SIGKILL included: each gets the read end of a "lifeline" pipe
+whose only write end is here, and stops as on SIGTERM at EOF (voicemesh.runtime.server).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ TRANSPORT = "transport"  # started after the orchestrator when listed in Mesh.se
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_LOG_DIR = ".voicemesh/logs"
 SERVING = health_pb2.HealthCheckResponse.SERVING
+LIFELINE_ENV = "VOICEMESH_LIFELINE_FD"  # read (and cleared) by voicemesh.runtime.server.take_lifeline
 # Health probes reconnect quickly: gRPC's default backoff grows to minutes after refusals.
 PROBE_OPTIONS = [(f"grpc.{name}_reconnect_backoff_ms", ms) for name, ms in (("initial", 200), ("min", 200), ("max", 500))]
 
@@ -121,6 +125,7 @@ class Mesh:
             port = (self.ports or {}).get(kind) or DEFAULT_PORTS[kind]
             self.children[kind] = Child(kind, self.host, port, log_dir / f"{kind}.log")
         self._stopping = threading.Event()
+        self._lifeline: tuple[int, int] | None = None  # (read, write) ends of the pipe
 
     def address(self, kind: str) -> str:
         return self.children[kind].address
@@ -140,6 +145,12 @@ class Mesh:
         if busy:
             raise MeshError(f"port already in use: {busy} (another mesh running? choose other ports)")
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        # A pipe, not PR_SET_PDEATHSIG: that fires when the *thread* that forked a child ends
+        # (`async with Mesh` starts from a worker thread) and needs a preexec_fn, unsafe beside
+        # our gRPC threads. Only this process holds the write end (children get the read end
+        # via pass_fds), so it closes when we end, and the EOF lasts: a child still importing
+        # then stops once it is up. Children not on the shared runtime (command=) ignore it.
+        self._lifeline = os.pipe()
         atexit.register(self.stop)
         try:
             backends = [self.children[k] for k in BACKENDS if k in self.children]
@@ -161,16 +172,18 @@ class Mesh:
         return self
 
     def _launch(self, children: list[Child], extra_env: dict[str, str]) -> None:
-        env = {**os.environ, **(self.env or {}), **extra_env, "PYTHONUNBUFFERED": "1"}
+        if self._lifeline is None:  # stop() ran meanwhile, from another thread
+            raise MeshError("stopped while starting")
+        lifeline = self._lifeline[0]
+        env = {**os.environ, **(self.env or {}), **extra_env, "PYTHONUNBUFFERED": "1", LIFELINE_ENV: str(lifeline)}
         env.setdefault("HF_HUB_OFFLINE", "1")
         for child in children:
             argv = [*(self.command or serve_command)(child.kind, child.host, child.port), *self.extra_args.get(child.kind, ())]
             with open(child.log_path, "wb") as log:
                 # Own session: a Ctrl-C in the terminal reaches only the launcher, which then
                 # stops the children in order (orchestrator first) instead of all at once.
-                child.process = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                )
+                child.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                 env=env, start_new_session=True, pass_fds=(lifeline,))
             child.started_at = time.monotonic()
             self.progress(f"starting {child.kind} on {child.address} (pid {child.process.pid}, log {child.log_path})")
 
@@ -220,6 +233,10 @@ class Mesh:
             self._terminate([c for c in started if c.kind not in ("orchestrator", TRANSPORT)])
         except KeyboardInterrupt:  # a second Ctrl-C: no more patience
             self._terminate(started, patience=0)
+        finally:  # anything started but not tracked (a signal inside Popen) stops on the EOF
+            lifeline, self._lifeline = self._lifeline, None
+            for fd in lifeline or ():
+                os.close(fd)
         return {c.kind: c.process.returncode if c.process else None for c in self.children.values()}
 
     def _terminate(self, children: list[Child], patience: float | None = None) -> None:
@@ -300,8 +317,16 @@ def launch_mesh(ports: Mapping[str, int] | None = None, env: Mapping[str, str] |
     return Mesh(ports=ports, env=env, **options).start()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM/SIGHUP take the same clean path as Ctrl-C
+
+
+def _say(text: str) -> None:  # after a SIGHUP the terminal may be gone: the mesh must still stop
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
 
 
 def _print_table(mesh: Mesh, seconds: float) -> None:
@@ -321,10 +346,12 @@ def _print_table(mesh: Mesh, seconds: float) -> None:
 def _up(args: argparse.Namespace) -> int:
     services = (*ALL_SERVICES, TRANSPORT)
     ports = {kind: getattr(args, "port" if kind == "orchestrator" else f"{kind}_port") for kind in services}
-    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    mesh = Mesh(ports=ports, host=args.host, log_dir=args.log_dir, ready_timeout=args.ready_timeout, progress=say,
+    say = _say
+    mesh = Mesh(ports=ports, host=args.host, log_dir=args.log_dir, ready_timeout=args.ready_timeout, progress=_say,
                 services=services, http_port=args.http_port)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too, explicitly: started in the background by a shell without job control (a
+    # script), a process inherits SIGINT ignored, and Python then installs no handler for it.
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_interrupt)
     crashed: list[Child] = []
     code = 0
