@@ -43,47 +43,64 @@ def smart_turn_defaults(config: pb.SessionConfig) -> None:
 
 async def voice_to_voice(addr: str, runs: int) -> dict:
     samples = load_for_sending(FIXTURES / "question_capital.wav")
-    rows = []
-    for _ in range(runs):
-        seen: dict[str, float] = {}
+    rows = [await one_voice_to_voice(addr, samples) for _ in range(runs)]
+    return summarise_voice_to_voice(rows)
 
-        def on_event(response, seen=seen):
-            kind = response.WhichOneof("event")
-            now = time.monotonic()
-            if kind == "speaking" and response.speaking.kind == Speaking.KIND_USER_STOPPED:
-                seen.setdefault("user_stopped", now)
-            elif kind == "user_transcript" and response.user_transcript.is_final:
-                seen.setdefault("final", now)
-            elif kind == "audio":
-                seen.setdefault("first_audio", now)
 
-        result = await talk_session(addr, samples, on_event=on_event, wait_after=15.0, chunk_ms=CHUNK_MS,
-                                    configure=smart_turn_defaults)
-        turn = result.turns[0] if result.turns else None
-        if turn is None or turn.latency_ms is None or not {"user_stopped", "final", "first_audio"} <= seen.keys():
-            rows.append({"ok": False, "failure": result.failure})
-            continue
-        speech_end = seen["first_audio"] - turn.latency_ms / 1000
-        rows.append({
-            "ok": True,
-            "total_ms": turn.latency_ms,
-            "server_ms": turn.server_latency_ms,
-            "end_of_turn_ms": (seen["user_stopped"] - speech_end) * 1000 - STOP_SECS * 1000,
-            "stt_final_ms": (seen["final"] - seen["user_stopped"]) * 1000,
-            "reply_after_final_ms": (seen["first_audio"] - seen["final"]) * 1000,
-            "bot_text": turn.bot_text,
-        })
+async def one_voice_to_voice(addr: str, samples: np.ndarray) -> dict:
+    """One session on `samples`: its first turn's latency and client-visible stages, and how many
+    turns were spoken (speech segments in the input) and answered (bot audio arrived for them)."""
+    seen: dict[str, float] = {}
+
+    def on_event(response):
+        kind = response.WhichOneof("event")
+        now = time.monotonic()
+        if kind == "speaking" and response.speaking.kind == Speaking.KIND_USER_STOPPED:
+            seen.setdefault("user_stopped", now)
+        elif kind == "user_transcript" and response.user_transcript.is_final:
+            seen.setdefault("final", now)
+        elif kind == "audio":
+            seen.setdefault("first_audio", now)
+
+    started = time.monotonic()
+    result = await talk_session(addr, samples, on_event=on_event, wait_after=15.0, chunk_ms=CHUNK_MS,
+                                configure=smart_turn_defaults)
+    counts = {"turns_spoken": len(result.segments),
+              "turns_answered": sum(1 for t in result.turns if t.latency_ms is not None),
+              "session_s": round(time.monotonic() - started, 3)}
+    turn = result.turns[0] if result.turns else None
+    missing = sorted({"user_stopped", "final", "first_audio"} - seen.keys())
+    if turn is None or turn.latency_ms is None or missing:
+        failure = result.failure or (f"no {', '.join(missing)}" if missing else "no latency for the turn")
+        return {"ok": False, "failure": failure, **counts}
+    speech_end = seen["first_audio"] - turn.latency_ms / 1000
+    return {
+        "ok": True,
+        "total_ms": turn.latency_ms,
+        "server_ms": turn.server_latency_ms,
+        "end_of_turn_ms": (seen["user_stopped"] - speech_end) * 1000 - STOP_SECS * 1000,
+        "stt_final_ms": (seen["final"] - seen["user_stopped"]) * 1000,
+        "reply_after_final_ms": (seen["first_audio"] - seen["final"]) * 1000,
+        "bot_text": turn.bot_text,
+        **counts,
+    }
+
+
+def summarise_voice_to_voice(rows: list[dict]) -> dict:
     good = [row for row in rows if row["ok"]]
     keys = ("end_of_turn_ms", "stt_final_ms", "reply_after_final_ms")
     return {
         "runs": len(rows),
         "ok_runs": len(good),
+        "turns_spoken": sum(r.get("turns_spoken", 0) for r in rows),
+        "turns_answered": sum(r.get("turns_answered", 0) for r in rows),
         "vad_stop_wait_ms": STOP_SECS * 1000,
         "p50": _pct([r["total_ms"] for r in good], 50),
         "p90": _pct([r["total_ms"] for r in good], 90),
         "server_p50": _pct([r["server_ms"] for r in good if r["server_ms"]], 50),
         "breakdown_p50": {key: _pct([r[key] for r in good], 50) for key in keys},
         "replies": sorted({r["bot_text"] for r in good}),
+        "failures": [r["failure"] for r in rows if not r["ok"]],
     }
 
 

@@ -95,7 +95,46 @@ def write_markdown(results: dict, path: Path) -> None:
                   f"bot audio stopped at the client p50 {_fmt(barge['p50'])} ms (last audio and interruption event both in); "
                   f"last bot audio arrival {_fmt(barge.get('stream_stop_p50'))} ms; interruption event {_fmt(barge['signal_p50'])} ms; "
                   f"end of the audio already received, for a client that does not flush: {_fmt(barge['audible_without_flush_p50'])} ms."]
+    lines += _contention(results.get("contention"))
     path.write_text("\n".join(lines) + "\n")
+
+
+def _contention(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    conditions = c["conditions"]
+    limited = conditions.get("limited", {})
+    throttled = limited.get("throttled")
+    busy = conditions.get("busy", {})
+    lines = ["", f"Contention, embedded stack, {c.get('cpu_count')} cores ({c['runs_per_condition']} runs per condition, "
+             "interleaved, one mesh): busy = an unrelated `while True: pass` process in its own session "
+             f"(it got {_fmt(busy.get('hog_cores_median'), digits=2)} cores); limited = {limited.get('limit', 'n/a')}"
+             + (f", throttled in {throttled['throttled_periods']} of {throttled['periods']} periods "
+                f"({_fmt(throttled['throttled_s'])} s)" if throttled else "") + ".", "",
+             "| condition | turns answered / spoken | p50 ms | p90 ms | p50 / quiet p50 | end-of-turn decision | STT final "
+             "| reply after final | other processes (cores) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in conditions.items():
+        b = row.get("breakdown_p50") or {}
+        lines.append(f"| {name} | {row['turns_answered']}/{row['turns_spoken']} | {_fmt(row['p50'])} | {_fmt(row['p90'])} "
+                     f"| {_fmt(row['ratio_to_quiet_p50'], digits=2)} | {_fmt(b.get('end_of_turn_ms'))} "
+                     f"| {_fmt(b.get('stt_final_ms'))} | {_fmt(b.get('reply_after_final_ms'))} "
+                     f"| {_fmt(row.get('other_processes_cores_median'), digits=2)} |")
+    if c.get("quiet_was_quiet") is False:
+        lines += ["", "**The quiet runs were not quiet** (other processes above 0.25 cores): the ratios and the CPU "
+                  "per turn below are not a quiet machine's."]
+    usage = c.get("per_service_quiet") or {}
+    if usage:
+        lines += ["", f"What each service process used in the quiet runs ({c.get('quiet_turns_answered')} answered turns, "
+                  f"one conversation at a time, sessions of {_fmt(c.get('quiet_session_s_mean'))} s; CPU net of the "
+                  "idle baseline, including the work after the caller hangs up):", "",
+                  "| service | CPU s per turn | mean cores while a conversation is open | peak cores (250 ms) "
+                  "| peak RSS MiB | RSS MiB at end | threads |", "|---|---|---|---|---|---|---|"]
+        for kind, u in usage.items():
+            lines.append(f"| {kind} | {_fmt(u['cpu_s_per_turn'], digits=2)} | {_fmt(u['mean_cores_while_open'], digits=2)} "
+                         f"| {_fmt(u['peak_cores_250ms'], digits=2)} | {_fmt(u['peak_rss_mib'])} | {_fmt(u['rss_mib'])} "
+                         f"| {_fmt(u['peak_threads'])} |")
+    return lines
 
 
 if __name__ == "__main__":  # regenerate latest.md from a latest.json

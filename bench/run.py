@@ -2,7 +2,8 @@
 
 Stages (each can be skipped with --skip): overhead (mesh and Pipecat at 1/50/100 sessions,
 repeated), capacity (sessions per core, both sides), vad (Silero service capacity),
-embedded (voice-to-voice and barge-in on the real models). The orchestrator and the
+embedded (voice-to-voice and barge-in on the real models), contention (voice-to-voice quiet,
+with one core busy and under a CPU limit, and what each service used per turn). The orchestrator and the
 Pipecat process are pinned to core 0, load clients and fakes to core 1. Nothing here fails:
 targets are printed as PASS or FAIL. See bench/README.md.
 """
@@ -205,6 +206,26 @@ def stage_embedded(args, results: dict) -> None:
         log(f"barge-in: p50 {barge['p50']} ms (signal {barge['signal_p50']} ms) over {barge['ok_runs']} runs")
 
 
+def stage_contention(args, results: dict) -> None:
+    from bench import contention
+    from voicemesh.launcher import Mesh, free_ports
+
+    with Mesh(ports=free_ports(), log_dir=RESULTS / "logs" / "contention", ready_timeout=300) as mesh:
+        pids = {kind: child.process.pid for kind, child in mesh.children.items()}
+        out = contention.run(mesh.orchestrator_address, pids, args.contention_runs, args.contention_limit,
+                             args.contention_cpus, log=log)
+    results["contention"] = out
+    for name, c in out["conditions"].items():
+        log(f"contention {name:7s}: p50 {c['p50']} ms, p90 {c['p90']} ms, x{c['ratio_to_quiet_p50']} of quiet, "
+            f"answered {c['turns_answered']}/{c['turns_spoken']}")
+    if out.get("quiet_was_quiet") is False:
+        log(f"contention: WARNING other processes used {out['conditions']['quiet']['other_processes_cores_median']} "
+            "cores (median) during the quiet runs: the ratios and the per-turn CPU are not a quiet machine's")
+    for kind, u in out["per_service_quiet"].items():
+        log(f"contention {kind:12s}: {u['cpu_s_per_turn']} CPU s per turn, peak {u['peak_cores_250ms']} cores, "
+            f"peak RSS {u['peak_rss_mib']} MiB, {u['peak_threads']} threads")
+
+
 def _breakdown(v2v: dict, results: dict) -> dict:
     seen = v2v["breakdown_p50"]
     direct = v2v["stage_costs_direct"]
@@ -237,6 +258,21 @@ def targets(results: dict) -> list[tuple[str, str, object, bool | None]]:
         ("voice-to-voice, embedded, p50", "<= 800 ms", v2v.get("p50"), _le(v2v.get("p50"), 800)),
         ("barge-in, p50", f"<= {limit:.0f} ms", barge.get("p50"), _le(barge.get("p50"), limit)),
     ]
+    contention = results.get("contention")
+    if contention:
+        ratio = contention.get("busy_to_quiet_p50")
+        spoken, answered = contention["turns_spoken_under_contention"], contention["turns_answered_under_contention"]
+        by = ", ".join(f"{c} {contention['conditions'][c]['turns_answered']}/{contention['conditions'][c]['turns_spoken']}"
+                       for c in ("busy", "limited") if c in contention["conditions"])
+        verdict = _le(ratio, 2.0)
+        if contention.get("quiet_was_quiet") is False:  # someone else's load in the quiet runs: no verdict
+            other = contention["conditions"]["quiet"].get("other_processes_cores_median")
+            ratio, verdict = f"{ratio} (quiet runs not quiet: other processes used {other} cores)", None
+        rows += [
+            ("voice-to-voice p50, one of two cores busy / quiet (same run)", "<= 2.0", ratio, verdict),
+            ("spoken turns answered under contention", "all", f"{answered}/{spoken} ({by})",
+             None if not spoken else answered == spoken),
+        ]
     return rows
 
 
@@ -268,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vad-steps", type=ints, default=[50, 100, 150, 200, 250, 300, 400])
     parser.add_argument("--v2v-runs", type=int, default=10)
     parser.add_argument("--bargein-runs", type=int, default=5)
-    parser.add_argument("--skip", default="", help="comma-separated stages: overhead,capacity,vad,embedded")
+    parser.add_argument("--contention-runs", type=int, default=5, help="voice-to-voice runs per contention condition")
+    parser.add_argument("--contention-limit", choices=("auto", "cgroup", "affinity"), default="auto",
+                        help="how the limited condition holds the services: a cgroup CPU quota (auto: where one can "
+                             "be made) or pinning every service thread to cores")
+    parser.add_argument("--contention-cpus", type=float, default=1.0, help="CPUs the limited condition allows the services")
+    parser.add_argument("--skip", default="", help="comma-separated stages: overhead,capacity,vad,embedded,contention")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     skip = set(args.skip.split(",")) - {""}
@@ -277,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine(), "latencies_of_fakes": {**lat.__dict__, "total_ms": lat.fakes_total_ms},
                      "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     for name, stage in (("overhead", lambda: stage_overhead(args, lat, results)), ("capacity", lambda: stage_capacity(args, lat, results)),
-                        ("vad", lambda: stage_vad(args, results)), ("embedded", lambda: stage_embedded(args, results))):
+                        ("vad", lambda: stage_vad(args, results)), ("embedded", lambda: stage_embedded(args, results)),
+                        ("contention", lambda: stage_contention(args, results))):
         if name in skip:
             continue
         log(f"== {name} ({time.monotonic() - started:.0f} s so far)")

@@ -84,3 +84,126 @@ def test_round_trip_probe_echoes_over_loopback(tmp_path):
         assert result["count"] == 20 and 0 < result["p50_us"] <= result["p90_us"]
     finally:
         procs.stop_all()
+
+
+# --- the contention stage's pure parts (bench/contention.py) ---------------------------------
+
+def test_parse_stat_handles_a_command_name_with_spaces_and_parentheses():
+    from bench.contention import CLK_TCK, parse_stat
+
+    # fields 14-17 (utime, stime, cutime, cstime) = 250, 50, 10, 5 ticks; field 20 (num_threads) = 7
+    text = "1234 (python (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 10 5 20 0 7 0 555 1000 200 " + "0 " * 30
+    stat = parse_stat(text)
+    assert stat["state"] == "S" and stat["threads"] == 7
+    assert stat["utime_s"] == pytest.approx(250 / CLK_TCK) and stat["stime_s"] == pytest.approx(50 / CLK_TCK)
+    assert stat["children_s"] == pytest.approx(15 / CLK_TCK)
+    assert stat["cpu_s"] == pytest.approx(315 / CLK_TCK)
+    with pytest.raises(ValueError):
+        parse_stat("garbage")
+
+
+def test_parse_stat_reads_this_process():
+    import os
+
+    from bench.contention import cpu_seconds, parse_stat
+
+    stat = parse_stat(Path(f"/proc/{os.getpid()}/stat").read_text())
+    assert stat["threads"] >= 1 and stat["cpu_s"] > 0
+    assert cpu_seconds(2**22 + 12345) is None  # no such process
+
+
+def test_parse_status_gives_peak_and_current_rss_in_mib_and_threads():
+    from bench.contention import parse_status
+
+    text = "Name:\tpython\nVmPeak:\t 900000 kB\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\nThreads:\t12\n"
+    assert parse_status(text) == {"peak_rss_mib": 200.0, "rss_mib": 100.0, "threads": 12}
+    assert parse_status("Name:\tx\n") == {"peak_rss_mib": None, "rss_mib": None, "threads": None}
+
+
+def test_per_turn_usage_subtracts_the_idle_baseline_and_divides_by_answered_turns():
+    from bench.contention import per_turn_usage
+
+    usage = per_turn_usage({"stt": 3.0, "vad": 0.05}, wall_s=20.0, idle_cores={"stt": 0.01, "vad": 0.01},
+                           turns=5, session_s=10.0)
+    assert usage["stt"]["cpu_s_net"] == pytest.approx(2.8)
+    assert usage["stt"]["cpu_s_per_turn"] == pytest.approx(0.56)
+    assert usage["stt"]["mean_cores_while_open"] == pytest.approx(0.28)
+    assert usage["vad"]["cpu_s_net"] == 0.0  # never below zero
+    assert per_turn_usage({"stt": 1.0}, 1.0, {}, turns=0, session_s=0.0)["stt"]["cpu_s_per_turn"] is None
+
+
+def test_contention_summary_ratios_and_turns_under_contention():
+    from bench.contention import headline, summarise_condition
+
+    quiet = summarise_condition({"p50": 800.0, "p90": 900.0, "turns_spoken": 5, "turns_answered": 5}, 800.0)
+    quiet["other_processes_cores_median"] = 0.1
+    busy = summarise_condition({"p50": 1500.0, "p90": 2000.0, "turns_spoken": 5, "turns_answered": 4}, 800.0)
+    limited = summarise_condition({"p50": None, "turns_spoken": 5, "turns_answered": 0}, 800.0)
+    assert (quiet["ratio_to_quiet_p50"], busy["ratio_to_quiet_p50"], limited["ratio_to_quiet_p50"]) == (1.0, 1.88, None)
+    top = headline({"quiet": quiet, "busy": busy, "limited": limited})
+    assert top["busy_to_quiet_p50"] == 1.88 and top["limited_to_quiet_p50"] is None
+    assert (top["turns_answered_under_contention"], top["turns_spoken_under_contention"]) == (4, 10)
+    assert top["quiet_was_quiet"] is True
+    assert summarise_condition({"p50": 900.0}, None)["ratio_to_quiet_p50"] is None
+    quiet["other_processes_cores_median"] = 0.9
+    assert headline({"quiet": quiet, "busy": busy})["quiet_was_quiet"] is False
+
+
+def test_contention_targets_pass_fail_and_absent():
+    from bench.run import targets
+
+    def results(ratio, answered):
+        conditions = {"busy": {"turns_answered": answered, "turns_spoken": 5},
+                      "limited": {"turns_answered": 5, "turns_spoken": 5}}
+        return {"contention": {"busy_to_quiet_p50": ratio, "conditions": conditions,
+                               "turns_spoken_under_contention": 10, "turns_answered_under_contention": 5 + answered}}
+
+    rows = {m: (v, p) for m, _, v, p in targets(results(1.6, 5))}
+    assert rows["voice-to-voice p50, one of two cores busy / quiet (same run)"] == (1.6, True)
+    assert rows["spoken turns answered under contention"] == ("10/10 (busy 5/5, limited 5/5)", True)
+    rows = {m: (v, p) for m, _, v, p in targets(results(2.4, 4))}
+    assert rows["voice-to-voice p50, one of two cores busy / quiet (same run)"][1] is False
+    assert rows["spoken turns answered under contention"][1] is False
+    assert not any("contention" in m for m, *_ in targets({}))
+    noisy = results(1.6, 5)
+    noisy["contention"]["quiet_was_quiet"] = False
+    noisy["contention"]["conditions"]["quiet"] = {"other_processes_cores_median": 0.9}
+    value, verdict = {m: (v, p) for m, _, v, p in targets(noisy)}["voice-to-voice p50, one of two cores busy / quiet (same run)"]
+    assert verdict is None and "not quiet" in value
+
+
+def test_find_cpu_cgroup_prefers_v2_with_cpu_and_falls_back_to_v1(tmp_path):
+    from bench.contention import find_cpu_cgroup, parse_cpu_stat, quota_line
+
+    v2 = tmp_path / "v2"
+    (v2 / "app").mkdir(parents=True)
+    (v2 / "app" / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    mounts_v2 = f"cgroup2 {v2} cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n"
+    assert find_cpu_cgroup(mounts_v2, "0::/app\n") == ("v2", v2 / "app")
+    # hybrid: the unified tree has no controllers, the cpu controller is on a v1 hierarchy
+    hybrid = tmp_path / "hybrid"
+    (hybrid / "unified").mkdir(parents=True)
+    (hybrid / "unified" / "cgroup.controllers").write_text("\n")
+    mounts = (f"cgroup {hybrid}/cpuacct cgroup rw,relatime,cpuacct 0 0\n"
+              f"cgroup {hybrid}/cpu,cpuacct cgroup rw,relatime,cpu,cpuacct 0 0\n"
+              f"cgroup2 {hybrid}/unified cgroup2 rw,relatime 0 0\n")
+    own = "3:cpuset:/\n2:cpu,cpuacct:/bench\n0::/\n"
+    assert find_cpu_cgroup(mounts, own) == ("v1", hybrid / "cpu,cpuacct" / "bench")
+    assert find_cpu_cgroup("proc /proc proc rw 0 0\n", own) is None
+    assert quota_line(1.0, "v2") == {"cpu.max": "100000 100000"}
+    assert quota_line(1.5, "v1") == {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "150000"}
+    assert parse_cpu_stat("nr_periods 22\nnr_throttled 20\nthrottled_time 991932739\n") == {
+        "periods": 22, "throttled_periods": 20, "throttled_s": 0.992}
+    assert parse_cpu_stat("usage_usec 5\nnr_periods 4\nnr_throttled 1\nthrottled_usec 250000\n")["throttled_s"] == 0.25
+
+
+def test_machine_busy_time_and_the_load_of_other_processes():
+    from bench.contention import CLK_TCK, background_cores, parse_proc_stat
+
+    text = "cpu  100 20 30 5000 40 5 6 7 50 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n"
+    assert parse_proc_stat(text) == pytest.approx((100 + 20 + 30 + 5 + 6 + 7) / CLK_TCK)  # not idle, iowait, guest
+    with pytest.raises(ValueError):
+        parse_proc_stat("intr 1 2 3\n")
+    assert background_cores(machine_s=3.0, ours_s=1.0, wall_s=4.0) == 0.5
+    assert background_cores(1.0, 1.2, 4.0) == 0.0  # tick rounding never goes negative
+    assert background_cores(1.0, 0.0, 0.0) is None
