@@ -18,6 +18,7 @@ help:
 	@echo "make run    start the whole mesh locally and chat with it (Ctrl-C stops it)"
 	@echo "make test   run the test suite"
 	@echo "make lint   buf lint the protos, ruff the code"
+	@echo "make test-busy      the suite 5 times with one core kept busy (RUNS=N); test-busy-e2e: e2e+tracing 20 times"
 	@echo "make bench  benchmarks (15 min on 2 cores): bench/results/latest.{json,md}, plots"
 
 install: $(VENV)/.installed $(GEN)/.stamp .models/.stamp apt
@@ -71,6 +72,15 @@ up: install
 
 test: install browser lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The suite on a slow machine: RUNS pytest runs in a row (5 of the whole suite; 20 of the e2e and
+# tracing tests) while a busy loop the runs do not own keeps one core busy (tests/busy_core.py).
+.PHONY: test-busy test-busy-e2e
+test-busy: install browser
+	$(BIN)/python tests/busy_core.py --runs $(or $(RUNS),5) -- -q $(PYTEST_ARGS)
+
+test-busy-e2e: install browser
+	$(BIN)/python tests/busy_core.py --runs $(or $(RUNS),20) -- -q tests/test_e2e.py tests/test_tracing.py $(PYTEST_ARGS)
 
 # buf lint (STANDARD) on the contract, ruff on the Python.
 lint: $(VENV)/.installed

@@ -13,6 +13,39 @@ from voicemesh.launcher import stop_process, wait_for_port, wait_serving  # noqa
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+START_S = 180.0  # deadline for a process we start to listen / report SERVING (a loaded machine is slow)
+# pytest-timeout's limit (pyproject: 300 s) covers fixture setup too, so the test that first
+# uses the session's mesh also pays for loading every model; on a 2-core machine with one core
+# busy that alone can take minutes. A hang guard, not a speed claim: these tests get longer.
+MODEL_TEST_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        heavy = item.get_closest_marker("models") or item.get_closest_marker("e2e") or "real_mesh" in item.fixturenames
+        if heavy and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(MODEL_TEST_TIMEOUT_S))
+
+
+def utterances(name: str, before_ms: int = 500, after_ms: int = 1000) -> list:
+    """A spoken fixture cut into its utterances (tests/fixtures/fixtures.json), 16 kHz int16,
+    each with up to `before_ms` of the file before it and `after_ms` after it: for tests that
+    say the next thing only once the bot has reacted, instead of trusting the file's pauses."""
+    import json
+
+    from voicemesh.wavio import load_for_sending
+
+    samples = load_for_sending(FIXTURES / name)
+    spans = json.loads((FIXTURES / "fixtures.json").read_text())[name]
+    parts, begin = [], 0
+    for index, span in enumerate(spans):
+        begin = max(begin, span["start_ms"] - before_ms)
+        end = span["end_ms"] + after_ms
+        if index + 1 < len(spans):
+            end = min(end, spans[index + 1]["start_ms"] - before_ms)
+        parts.append(samples[begin * 16 : end * 16])  # 16 samples per ms
+        begin = end
+    return parts
 
 
 def free_port() -> int:
@@ -53,11 +86,11 @@ def fake_mesh(tmp_path_factory):
         fake_port, orch_port = free_port(), free_port()
         fakes = procs.start("fakes", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(fake_port)],
                             env={"FAKE_TRANSCRIPTS": os.environ.get("FAKE_TRANSCRIPTS", "")})
-        wait_for_port(fake_port, fakes)
+        wait_for_port(fake_port, fakes, timeout=START_S)
         fake_addr = f"127.0.0.1:{fake_port}"
         env = {f"VOICEMESH_{kind}_ADDR": fake_addr for kind in ("VAD", "STT", "LLM", "TTS")}
-        procs.serve("orchestrator", orch_port, env)
-        wait_serving(f"127.0.0.1:{orch_port}", timeout=60)
+        orchestrator = procs.serve("orchestrator", orch_port, env)
+        wait_serving(f"127.0.0.1:{orch_port}", orchestrator, timeout=START_S)
         yield f"127.0.0.1:{orch_port}"
     finally:
         procs.stop_all()

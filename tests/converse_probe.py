@@ -1,4 +1,8 @@
-"""A test client for Converse: send scripted input, record every event with its arrival time."""
+"""A test client for Converse: send scripted input, record every event with its arrival time.
+
+Waits are on events, each with a deadline that fails with the events seen so far. The default
+deadline is long (WAIT_S): a wait returns as soon as its event comes, so only a failing test
+pays for it, and on a loaded machine things can take 5-10 times as long as on an idle one."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +14,7 @@ import numpy as np
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 PCM16_16K = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000, channels=1)
+WAIT_S = 60.0  # default deadline of a wait; a liveness bound, never a speed claim
 
 
 def tone(seconds: float, rate: int = 16000, amplitude: int = 8000) -> np.ndarray:
@@ -74,7 +79,27 @@ class ConverseProbe:
     async def cancel(self) -> None:
         await self.call.write(pb.ConverseRequest(control=pb.SessionControl(cancel=pb.CancelSession())))
 
-    async def wait_for(self, predicate, timeout: float = 20.0) -> pb.ConverseResponse:
+    async def speak_until(self, samples: np.ndarray, predicate, timeout: float = WAIT_S, chunk_ms: int = 40,
+                          rate: int = 16000) -> pb.ConverseResponse:
+        """Send `samples` in real time, then keep the microphone open (silence, in real time)
+        until an event satisfies `predicate`; returns it. For a conversation that must wait
+        for the bot, however long it takes, before the user goes on."""
+        stop = asyncio.Event()
+
+        async def microphone() -> None:
+            await self.send_audio(samples, chunk_ms, rate=rate)
+            quiet = silence(chunk_ms / 1000, rate)
+            while not stop.is_set():  # one chunk at a time, so it never stops inside a write
+                await self.send_audio(quiet, chunk_ms, rate=rate)
+
+        mic = asyncio.create_task(microphone())
+        try:
+            return await self.wait_for(predicate, timeout)
+        finally:
+            stop.set()
+            await asyncio.gather(mic, return_exceptions=True)  # a write after the stream ended: wait_for said why
+
+    async def wait_for(self, predicate, timeout: float = WAIT_S) -> pb.ConverseResponse:
         """Wait until an event satisfies `predicate`; returns it."""
         deadline = time.monotonic() + timeout
         seen = 0
@@ -87,15 +112,18 @@ class ConverseProbe:
                 raise AssertionError(f"stream ended ({self.status}: {self.details}) before the event; got {self.kinds()}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"timed out waiting; events so far: {self.kinds()}")
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting; events so far: {self.kinds()}")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
 
-    async def wait_closed(self, timeout: float = 20.0) -> None:
-        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+    async def wait_closed(self, timeout: float = WAIT_S) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"stream still open after {timeout:.0f} s; events so far: {self.kinds()}") from None
 
     def kinds(self, skip_audio: bool = True) -> list[str]:
         """Event names in order; speaking events as their kind, e.g. 'speaking:BOT_STARTED'."""

@@ -3,6 +3,7 @@ it keeps every span and metric the processes export, with their resources."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -40,8 +41,24 @@ class Receiver:
     spans: list[ReceivedSpan] = field(default_factory=list)
     metrics: list[tuple[str, str]] = field(default_factory=list)  # (service.name, metric name)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    received: threading.Condition = field(init=False)  # notified after every export
     port: int = 0
     server: grpc.Server | None = None
+
+    def __post_init__(self) -> None:
+        self.received = threading.Condition(self.lock)
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Until `predicate(spans)` holds (checked under the lock after each export), or
+        `timeout` seconds pass; returns whether it held."""
+        deadline = time.monotonic() + timeout
+        with self.received:
+            while not predicate(self.spans):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.received.wait(remaining)
+            return True
 
     def start(self) -> "Receiver":
         receiver = self
@@ -57,6 +74,7 @@ class Receiver:
                                     span.name, span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(),
                                     span.start_time_unix_nano, span.end_time_unix_nano, attributes(span.attributes),
                                     resource.get("service.name", ""), resource))
+                    receiver.received.notify_all()
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):

@@ -1,7 +1,6 @@
 """Bad input on Converse ends only that stream, with a clear status; other sessions go on."""
 from __future__ import annotations
 
-
 import grpc
 import pytest
 
@@ -11,7 +10,9 @@ from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_gr
 
 async def _first_status(address: str, requests: list[pb.ConverseRequest]) -> tuple[grpc.StatusCode, str]:
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Converse()
+        # A deadline, not a speed claim: a stream the orchestrator never ends fails the test
+        # with DEADLINE_EXCEEDED (reported as the status) instead of hanging it.
+        call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Converse(timeout=120)
         for request in requests:
             await call.write(request)
         try:

@@ -8,9 +8,22 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, utterances
+from converse_probe import ConverseProbe, event_is
+from voicemesh.v1 import orchestrator_pb2 as pb
 
 pytestmark = [pytest.mark.e2e, pytest.mark.models]
+REPLY_WAIT_S = 180  # deadline for a reply on the embedded models: generous, no speed is asserted
+
+
+def _config() -> pb.SessionConfig:
+    from voicemesh.client import config_request
+
+    return config_request(client="voicemesh-tests").config
+
+
+def _finals(probe: ConverseProbe, turn_number: int) -> str:
+    return " ".join(t.text for t in probe.of("user_transcript") if t.is_final and t.turn_number == turn_number).lower()
 
 
 def _non_silent_seconds(pcm: bytes, rate: int) -> float:
@@ -27,8 +40,8 @@ def test_spoken_question_gets_spoken_answer(real_mesh, tmp_path):
     reply = tmp_path / "reply.wav"
     result = subprocess.run(
         [sys.executable, "-m", "voicemesh.cli", "talk", str(FIXTURES / "question_capital.wav"),
-         "--addr", real_mesh.orchestrator_address, "--out", str(reply), "--json"],
-        capture_output=True, text=True, timeout=180, cwd=ROOT,
+         "--addr", real_mesh.orchestrator_address, "--out", str(reply), "--json", "--wait-after", str(REPLY_WAIT_S)],
+        capture_output=True, text=True, timeout=REPLY_WAIT_S + 300, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
@@ -46,29 +59,32 @@ def test_spoken_question_gets_spoken_answer(real_mesh, tmp_path):
     assert report["audio_seconds"] > 0.5
 
 
-def test_two_turn_conversation_keeps_history(real_mesh):
-    from voicemesh.talk import talk_session
-    from voicemesh.wavio import load_for_sending
-    import asyncio
-
-    samples = load_for_sending(FIXTURES / "two_questions.wav")
-    result = asyncio.run(talk_session(real_mesh.orchestrator_address, samples))
-    assert len(result.turns) == 2
-    transcripts = " ".join(t.user_transcript for t in result.turns).lower()
-    assert "france" in transcripts and "japan" in transcripts
-    assert all(t.bot_text for t in result.turns)
+async def test_two_turn_conversation_keeps_history(real_mesh):
+    """The second question (two_questions.wav) once the first is answered, as a user would."""
+    first, second = utterances("two_questions.wav")
+    async with ConverseProbe(real_mesh.orchestrator_address, _config()) as probe:
+        await probe.speak_until(first, event_is("turn_ended", turn_number=1), timeout=REPLY_WAIT_S)
+        await probe.speak_until(second, event_is("turn_ended", turn_number=2), timeout=REPLY_WAIT_S)
+    assert [t.turn_number for t in probe.of("turn_ended")] == [1, 2], probe.kinds()
+    assert "france" in _finals(probe, 1) and "japan" in _finals(probe, 2), probe.of("user_transcript")
+    assert all(any(t.turn_number == n for t in probe.of("bot_text")) for n in (1, 2)), probe.kinds()
 
 
-def test_barge_in_on_the_embedded_models(real_mesh):
-    """The user talks over the bot's answer: the answer is cut, and the new question answered."""
-    from voicemesh.talk import talk_session
-    from voicemesh.wavio import load_for_sending
-    import asyncio
+async def test_barge_in_on_the_embedded_models(real_mesh):
+    """The user talks over the bot's answer (barge_in.wav's second sentence, said once the bot
+    is speaking): the answer is cut, and the new question answered."""
+    ask, interrupt = utterances("barge_in.wav")
 
-    result = asyncio.run(talk_session(real_mesh.orchestrator_address, load_for_sending(FIXTURES / "barge_in.wav")))
-    assert len(result.turns) >= 2, result.to_json()
-    first, last = result.turns[0], result.turns[-1]
-    assert "paris" in first.user_transcript.lower()
-    assert first.interrupted, result.to_json()
-    assert "berlin" in last.user_transcript.lower()
-    assert not last.interrupted and last.bot_text
+    async with ConverseProbe(real_mesh.orchestrator_address, _config()) as probe:
+        def answered_after_the_first(event: pb.ConverseResponse) -> bool:  # a later turn the bot spoke to the end
+            ended = event.turn_ended if event.HasField("turn_ended") else None
+            return (ended is not None and ended.turn_number > 1 and not ended.interrupted
+                    and any(t.turn_number == ended.turn_number for t in probe.of("bot_text")))
+
+        await probe.speak_until(ask, event_is("speaking", kind=pb.SpeakingEvent.KIND_BOT_STARTED, turn_number=1),
+                                timeout=REPLY_WAIT_S)
+        last = (await probe.speak_until(interrupt, answered_after_the_first, timeout=REPLY_WAIT_S)).turn_ended.turn_number
+    ended = {t.turn_number: t for t in probe.of("turn_ended")}
+    assert "paris" in _finals(probe, 1), probe.of("user_transcript")
+    assert ended[1].interrupted, probe.kinds()
+    assert "berlin" in _finals(probe, last), probe.of("user_transcript")

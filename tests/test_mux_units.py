@@ -16,14 +16,34 @@ from voicemesh.orchestrator.mux import StreamMultiplexer
 from voicemesh.v1 import common_pb2, vad_pb2
 
 
+WAIT_S = 30.0  # deadline for a write that is due (LINGER_S at most, on an idle loop); never a speed claim
+
+
 class RecordingCall:
     def __init__(self):
         self.writes: list[list[tuple[int, int, bool]]] = []  # per write: (stream, offset_ms, close)
         self.responses: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
+        self._written = asyncio.Event()
 
     async def write(self, request) -> None:
         self.writes.append([(m.stream_id, m.request.audio.offset_ms, m.close) for m in request.messages])
+        self._written.set()
+
+    async def wait_until(self, done, what: str) -> list:
+        """Until `done(writes)` holds; returns the writes. The linger timer is the mux's own:
+        waiting for its writes, not for a span of time, keeps the test independent of speed."""
+        try:
+            async with asyncio.timeout(WAIT_S):
+                while not done(self.writes):
+                    self._written.clear()
+                    await self._written.wait()
+        except TimeoutError:
+            raise AssertionError(f"no {what} after {WAIT_S:.0f} s; writes: {self.writes}") from None
+        return self.writes
+
+    async def wait_writes(self, count: int) -> list:
+        return await self.wait_until(lambda writes: len(writes) >= count, f"{count} writes")
 
     async def _read(self):
         while (item := await self.responses.get()) is not None:
@@ -61,15 +81,15 @@ def test_pieces_that_are_not_urgent_share_one_write_and_an_urgent_one_leaves_at_
             await stream.write(audio(index * 40), urgent=False)
         await asyncio.sleep(0)
         assert calls[0].writes == []  # lingering for company
-        await asyncio.sleep(mux_module.LINGER_S * 3)
-        assert calls[0].writes == [[(1, 0, False), (2, 40, False), (3, 80, False)]]
+        assert await calls[0].wait_writes(1) == [[(1, 0, False), (2, 40, False), (3, 80, False)]]
         await streams[1].write(audio(120), urgent=True)
+        # Urgent: it leaves within a few turns of the event loop, with no timer (turns are
+        # counted, not time, so this holds however slow the machine).
         for _ in range(3):
             await asyncio.sleep(0)
-        assert calls[0].writes[1] == [(2, 120, False)]
+        assert calls[0].writes[1:] == [[(2, 120, False)]]
         streams[0].cancel()
-        await asyncio.sleep(mux_module.LINGER_S * 3)
-        assert calls[0].writes[2] == [(1, 0, True)]
+        assert (await calls[0].wait_writes(3))[2] == [(1, 0, True)]
         await mux.close()
 
     asyncio.run(run())
@@ -83,8 +103,11 @@ def test_a_large_backlog_goes_in_several_writes_in_order(monkeypatch):
         stream = mux.open()
         for index in range(7):
             await stream.write(audio(index * 40), urgent=False)
-        await asyncio.sleep(mux_module.LINGER_S * 3)
-        sent = [offset for write in calls[0].writes for _, offset, _ in write]
+        def offsets(writes):
+            return [offset for write in writes for _, offset, _ in write]
+
+        await calls[0].wait_until(lambda writes: len(offsets(writes)) >= 7, "write of all 7 pieces")
+        sent = offsets(calls[0].writes)
         assert sent == [index * 40 for index in range(7)]
         assert len(calls[0].writes) == 3  # ~1300 bytes each: three fit under 4000
         await mux.close()

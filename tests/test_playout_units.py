@@ -11,6 +11,7 @@ from voicemesh.orchestrator.playout import MERGE_SECONDS, Playout
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb
 
 CHUNK_S = 0.04
+DRAIN_S = 60  # deadline for the playout to drain (the pacing waits take < 1 s idle); never a speed claim
 
 
 def chunk(index: int, turn: int = 1) -> pb.ConverseResponse:
@@ -27,7 +28,7 @@ async def play(items, lead: float = 0.0) -> list:
             playout.marker(lambda name=item: sent.append(name))
         else:
             playout.audio(chunk(*item), CHUNK_S, item[1])
-    await asyncio.wait_for(playout.drained(), 5)
+    await asyncio.wait_for(playout.drained(), DRAIN_S)
     task.cancel()
     return sent
 
@@ -63,7 +64,7 @@ def test_clear_drops_what_was_not_sent():
         dropped = playout.clear()
         task = asyncio.create_task(playout.run())
         playout.audio(chunk(9, turn=2), CHUNK_S, 2)  # the next turn starts a new clock: sent at once
-        await asyncio.wait_for(playout.drained(), 5)
+        await asyncio.wait_for(playout.drained(), DRAIN_S)
         task.cancel()
         return sent, dropped
 

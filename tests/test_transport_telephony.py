@@ -10,24 +10,34 @@ import base64
 import json
 import signal
 import sys
+import time
 
 import numpy as np
 import pytest
 from aiohttp import web
 
-from conftest import Processes, free_port, wait_for_port, wait_serving
+from conftest import START_S, Processes, free_port, wait_for_port, wait_serving
 from converse_probe import silence, tone
-from transport_harness import is_type, send_paced, split, start_transport, ws_session
+from transport_harness import WAIT_S, is_type, send_paced, split, start_transport, ws_session
 from voicemesh.runtime.audio import mulaw_to_pcm16, pcm16_to_mulaw
 
 
 def _serve_orchestrator(procs: Processes, fakes_addr: str, name: str = "orchestrator", grace: str = "10") -> str:
     port = free_port()
     env = {f"VOICEMESH_{kind}_ADDR": fakes_addr for kind in ("VAD", "STT", "LLM", "TTS")}
-    procs.start(name, [sys.executable, "-m", "voicemesh.cli", "serve", "orchestrator", "--host", "127.0.0.1",
-                       "--port", str(port), "--grace-seconds", grace], env)
-    wait_serving(f"127.0.0.1:{port}", timeout=60)
+    proc = procs.start(name, [sys.executable, "-m", "voicemesh.cli", "serve", "orchestrator", "--host", "127.0.0.1",
+                              "--port", str(port), "--grace-seconds", grace], env)
+    wait_serving(f"127.0.0.1:{port}", proc, timeout=START_S)
     return f"127.0.0.1:{port}"
+
+
+async def _logged(transport, predicate, timeout: float = WAIT_S) -> dict:
+    """Until the transport has logged an entry that satisfies `predicate`; returns it."""
+    deadline = time.monotonic() + timeout
+    while not (found := [e for e in transport.log_entries() if predicate(e)]):
+        assert time.monotonic() < deadline, f"not logged within {timeout:.0f} s; log: {[e.get('msg') for e in transport.log_entries()]}"
+        await asyncio.sleep(0.05)
+    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +48,7 @@ def phone_mesh(tmp_path_factory):
         fake_port = free_port()
         fakes = procs.start("fakes", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(fake_port)],
                             env={"FAKE_TRANSCRIPTS": "tell me a long story"})
-        wait_for_port(fake_port, fakes)
+        wait_for_port(fake_port, fakes, timeout=START_S)
         orchestrator = _serve_orchestrator(procs, f"127.0.0.1:{fake_port}")
         yield procs, f"127.0.0.1:{fake_port}", start_transport(procs, orchestrator)
     finally:
@@ -76,12 +86,8 @@ async def test_twilio_call_audio_clear_mark_dtmf(phone_mesh):
                                "dtmf": {"track": "inbound_track", "digit": "7"}}))
         await send_paced(send, [twilio_media(f) for f in speech_mulaw()])
         # The long reply streams back as μ-law media for this stream.
-        for _ in range(200):
-            if len(call.of("media")) >= 25:
-                break
-            await asyncio.sleep(0.05)
-        media = call.of("media")
-        assert len(media) >= 25 and all(m["streamSid"] == "MZ1" for m in media)
+        media = await call.wait_count(is_type("media"), 25)
+        assert all(m["streamSid"] == "MZ1" for m in media)
         pcm = mulaw_to_pcm16(b"".join(base64.b64decode(m["media"]["payload"]) for m in media))
         assert abs(dominant_hz(pcm, 8000) - 440) < 10  # the fake TTS tone, decoded as 8 kHz μ-law
         # Barge-in: the caller talks over the bot; Twilio is told to drop what it buffered.
@@ -110,10 +116,7 @@ async def test_telnyx_pcmu_call_audio_clear_dtmf(phone_mesh):
         frames = [json.dumps({"event": "media", "stream_id": "S1", "media": {"track": "inbound", "payload":
                               base64.b64encode(f).decode()}}) for f in speech_mulaw()]
         await send_paced(send, frames)
-        for _ in range(200):
-            if len(call.of("media")) >= 25:
-                break
-            await asyncio.sleep(0.05)
+        await call.wait_count(is_type("media"), 25)
         pcm = mulaw_to_pcm16(b"".join(base64.b64decode(m["media"]["payload"]) for m in call.of("media")))
         assert len(pcm) >= 8000 and abs(dominant_hz(pcm, 8000) - 440) < 10
         await send_paced(send, frames)
@@ -131,10 +134,7 @@ async def test_telnyx_l16_is_big_endian_both_ways(phone_mesh):
         pcm = np.concatenate((silence(0.3), tone(0.6), silence(1.0))).astype(">i2").tobytes()
         await send_paced(send, [json.dumps({"event": "media", "media": {"payload": base64.b64encode(f).decode()}})
                                 for f in split(pcm, 640)])
-        for _ in range(200):
-            if len(call.of("media")) >= 25:
-                break
-            await asyncio.sleep(0.05)
+        await call.wait_count(is_type("media"), 25)
         out = np.frombuffer(b"".join(base64.b64decode(m["media"]["payload"]) for m in call.of("media")), ">i2")
         assert len(out) >= 16000 and abs(dominant_hz(out, 16000) - 440) < 10
 
@@ -195,11 +195,11 @@ async def test_twilio_hang_up_when_the_session_ends(phone_mesh):
             "VOICEMESH_TRANSPORT_TWILIO_API_BASE": f"http://127.0.0.1:{api_port}"})
         async with ws_session(transport.ws_url + "/twilio") as call:
             await call.ws.send_str(twilio_start(call="CA9"))
-            await asyncio.sleep(0.5)
+            await _logged(transport, lambda e: e.get("msg") == "call started" and e.get("call") == "CA9")
             orchestrator_proc = next(p for p in procs.procs if "orchestrator" in " ".join(p.args) and
                                      orchestrator.split(":")[1] in p.args)
             orchestrator_proc.send_signal(signal.SIGTERM)
-            code, reason = await call.wait_closed(timeout=30)
+            code, reason = await call.wait_closed()
         assert requests == [("/2010-04-01/Accounts/AC123/Calls/CA9.json", {"Status": "completed"},
                              "Basic " + base64.b64encode(b"AC123:secret").decode())]
         assert code in (1000, 1011, 1013), (code, reason)

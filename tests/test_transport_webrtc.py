@@ -84,27 +84,35 @@ async def _connect(transport, mic: MediaStreamTrack):
     return pc, channel, events, bot_audio
 
 
-async def _wait(predicate, timeout: float = 20.0):
+WAIT_S = 60.0  # deadline of a wait: it returns as soon as the state is reached; never a speed claim
+
+
+async def _wait(predicate, seen, timeout: float = WAIT_S):
+    """Until `predicate()` holds; past the deadline, fail with `seen()` (what did arrive)."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"not reached within {timeout:.0f} s; {seen()}"
         await asyncio.sleep(0.05)
 
 
 async def test_webrtc_spoken_turn_events_and_opus_audio(transport):
     speech = np.concatenate((silence(0.5, 48000), tone(0.6, 48000), silence(8.0, 48000)))
     pc, channel, events, bot_audio = await _connect(transport, ScriptedMic(speech))
+
+    def seen():
+        return f"events {[e['type'] for e in events]}, {len(bot_audio)} bot frames, connection {pc.connectionState}"
+
     try:
-        await _wait(lambda: any(e["type"] == "turn_ended" for e in events))
+        await _wait(lambda: any(e["type"] == "turn_ended" for e in events), seen)
         types = [e["type"] for e in events]
         assert types[0] == "session_started" and "user_transcript" in types and "bot_text" in types
         finals = [e for e in events if e["type"] == "user_transcript" and e["final"]]
         bot = next(e for e in events if e["type"] == "bot_text")
         assert bot["text"] == f"You said: {finals[0]['text']}."
         # The 440 Hz reply came back through Opus: find it in the decoded 48 kHz stereo.
-        await _wait(lambda: sum(np.abs(a).max() > 3000 for a in bot_audio) > 10)
+        await _wait(lambda: sum(np.abs(a).max() > 3000 for a in bot_audio) > 10, seen)
         channel.send(json.dumps({"type": "end"}))
-        await _wait(lambda: any(e["type"] == "session_ended" for e in events))
+        await _wait(lambda: any(e["type"] == "session_ended" for e in events), seen)
         assert events[-1] == {"type": "session_ended", "reason": "ended"}
     finally:
         await pc.close()
@@ -112,13 +120,17 @@ async def test_webrtc_spoken_turn_events_and_opus_audio(transport):
 
 async def test_webrtc_malformed_data_channel_message_ends_that_session(transport):
     pc, channel, events, _ = await _connect(transport, ScriptedMic(silence(30, 48000)))
+
+    def seen():
+        return f"events {[e['type'] for e in events]}, channel {channel.readyState}, connection {pc.connectionState}"
+
     try:
-        await _wait(lambda: channel.readyState == "open" and events)
+        await _wait(lambda: channel.readyState == "open" and events, seen)
         channel.send("{broken")
-        await _wait(lambda: any(e["type"] == "error" for e in events))
+        await _wait(lambda: any(e["type"] == "error" for e in events), seen)
         error = next(e for e in events if e["type"] == "error")
         assert error["fatal"] and "malformed JSON" in error["message"]
-        await _wait(lambda: pc.connectionState == "closed" or channel.readyState == "closed")
+        await _wait(lambda: pc.connectionState == "closed" or channel.readyState == "closed", seen)
     finally:
         await pc.close()
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from conftest import Processes, free_port, wait_for_port, wait_serving
+from conftest import START_S, Processes, free_port, wait_for_port, wait_serving
+
+WAIT_S = 60.0  # default deadline of a wait: it returns as soon as the event comes; never a speed claim
 
 
 @dataclass
@@ -43,8 +45,8 @@ def start_transport(procs: Processes, orchestrator: str, env: dict[str, str] | N
     import sys
 
     proc = procs.start(name, [sys.executable, "-m", "voicemesh.cli", "serve", "transport", *args], full_env)
-    wait_for_port(http_port, proc, timeout=60)  # fails at once if the process exits
-    wait_serving(f"127.0.0.1:{grpc_port}", timeout=60)
+    wait_for_port(http_port, proc, timeout=START_S)  # fails at once if the process exits
+    wait_serving(f"127.0.0.1:{grpc_port}", proc, timeout=START_S)
     return Transport(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", procs.log_dir / f"{name}.log", proc)
 
 
@@ -55,6 +57,7 @@ class WsClient:
     ws: aiohttp.ClientWebSocketResponse
     events: list[dict] = field(default_factory=list)
     audio: list[bytes] = field(default_factory=list)
+    audio_at: list[int] = field(default_factory=list)  # per audio message: how many events came before it
     close_code: int | None = None
     close_reason: str = ""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,6 +69,7 @@ class WsClient:
                 self.events.append(json.loads(message.data))
             elif message.type == aiohttp.WSMsgType.BINARY:
                 self.audio.append(message.data)
+                self.audio_at.append(len(self.events))
             else:  # CLOSE carries the code and reason; CLOSED/ERROR: the socket is gone
                 if message.type == aiohttp.WSMsgType.CLOSE:
                     self.close_code, self.close_reason = message.data, message.extra or ""
@@ -75,7 +79,27 @@ class WsClient:
                 return
             self._changed.set()
 
-    async def wait_for(self, predicate, timeout: float = 20.0) -> dict:
+    async def wait_until(self, condition, what: str, timeout: float = WAIT_S) -> None:
+        """Until `condition()` holds (checked after every message), or fail saying what came."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.close_code is not None:
+                raise AssertionError(f"closed ({self.close_code} {self.close_reason!r}) before {what}; "
+                                     f"got {self.types()} and {len(self.audio)} audio messages")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} after {timeout:.0f} s; got {self.types()} and {len(self.audio)} audio messages")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_count(self, predicate, count: int, timeout: float = WAIT_S) -> list[dict]:
+        """Until `count` events satisfy `predicate`; returns them all."""
+        await self.wait_until(lambda: sum(1 for e in self.events if predicate(e)) >= count, f"{count} such events", timeout)
+        return [e for e in self.events if predicate(e)]
+
+    async def wait_for(self, predicate, timeout: float = WAIT_S) -> dict:
         deadline = time.monotonic() + timeout
         seen = 0
         while True:
@@ -86,14 +110,14 @@ class WsClient:
             if self.close_code is not None:
                 raise AssertionError(f"closed ({self.close_code} {self.close_reason!r}) before the event; got {self.types()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; events so far: {self.types()}")
+                raise AssertionError(f"timed out after {timeout:.0f} s; events so far: {self.types()}")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 pass
 
-    async def wait_closed(self, timeout: float = 20.0) -> tuple[int, str]:
+    async def wait_closed(self, timeout: float = WAIT_S) -> tuple[int, str]:
         deadline = time.monotonic() + timeout
         while self.close_code is None and time.monotonic() < deadline:
             self._changed.clear()

@@ -2,7 +2,8 @@
 // connect, wait for the user's final transcript and audible bot audio (measured by the page
 // through Web Audio), take a screenshot, print what the page saw as one JSON line (talk.mjs).
 // Usage: node drive.mjs '{"url": ..., "mode": "webrtc"|"websocket", "wav": ..., "screenshot": ...,
-//                          "profile": ..., "timeoutMs": ..., "expect": ["capital", "france"]}'
+//                          "profile": ..., "timeoutMs": ..., "expect": ["capital", "france"],
+//                          "launchTimeoutMs": ... (optional, default 180000)}'
 import { chromium } from "playwright-core";
 import { talk } from "./talk.mjs";
 
@@ -16,6 +17,7 @@ const args = [
 ];
 const context = await chromium.launchPersistentContext(options.profile, {
   executablePath: "/usr/bin/chromium", headless: true, args, ignoreDefaultArgs: ["--mute-audio"],
+  timeout: options.launchTimeoutMs ?? 180_000, // a loaded machine starts a browser slowly (30 s by default)
 });
 let result;
 try {

@@ -65,13 +65,14 @@ function fakeMicrophone({ base64, rate, channels }) {
 const browser = await puppeteer.launch({
   browser: "firefox", executablePath: "/usr/bin/firefox-esr", headless: true,
   userDataDir: options.profile, extraPrefsFirefox: prefs,
+  timeout: options.launchTimeoutMs ?? 180_000, // a loaded machine starts a browser slowly (30 s by default)
 });
 let result;
 try {
   const page = await browser.newPage();
   const audioState = await page.evaluate(() => {
     const ctx = new AudioContext();
-    const timeout = new Promise((resolve) => setTimeout(resolve, 5000));
+    const timeout = new Promise((resolve) => setTimeout(resolve, 30_000)); // a deadline, not a speed claim
     return Promise.race([ctx.resume(), timeout]).then(() => ctx.state).finally(() => void ctx.close());
   });
   if (audioState !== "running") throw new Error(`AudioContext ${audioState}: Firefox has no audio output (PULSE_SERVER?)`);

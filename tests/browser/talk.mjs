@@ -10,6 +10,8 @@ export async function talk(page, options) {
   const result = { mode: options.mode, console: [], pageErrors: [], timedOut: false };
   page.on("console", (msg) => result.console.push(`${msg.type()}: ${msg.text()}`.slice(0, 300)));
   page.on("pageerror", (err) => result.pageErrors.push(String(err).slice(0, 300)));
+  // Each step (load, click, evaluate) may take long on a loaded machine; 30 s by default.
+  page.setDefaultTimeout(options.timeoutMs);
   await page.goto(`${options.url}/?transport=${options.mode}`);
   await page.click("#connect");
   const expect = options.expect.map((word) => word.toLowerCase());

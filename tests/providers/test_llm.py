@@ -40,14 +40,33 @@ async def collect(provider, messages, tools=(), params=GREEDY):
     return [event async for event in provider.stream(messages, list(tools), params)]
 
 
+DEADLINE_S = 120  # for a state llama.cpp must reach (far sooner when idle); never a speed claim
+
+
+async def wait_metrics(provider, done, what: str) -> dict[str, float]:
+    """Poll llama.cpp's metrics until `done(metrics)`; past the deadline, fail with the last ones."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not done(metrics := await provider.server_metrics()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"llama.cpp not {what} after {DEADLINE_S} s; its metrics: {metrics}")
+        await asyncio.sleep(0.01)
+    return metrics
+
+
 async def wait_idle(provider) -> dict[str, float]:
     """llama.cpp releases a cancelled slot on its own loop thread: poll until it has."""
-    for _ in range(100):
-        metrics = await provider.server_metrics()
-        if metrics["requests_processing"] == 0:
-            return metrics
-        await asyncio.sleep(0.05)
-    raise AssertionError("llama.cpp still processing a request")
+    return await wait_metrics(provider, lambda metrics: metrics["requests_processing"] == 0, "idle")
+
+
+async def first_of(event: asyncio.Event, task: asyncio.Task, what: str) -> None:
+    """Until `event` is set; fails at once if `task` ends first (its error, if any, is raised)."""
+    waiter = asyncio.ensure_future(event.wait())
+    done, _ = await asyncio.wait({waiter, task}, timeout=DEADLINE_S, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if not event.is_set():
+        if task in done:
+            task.result()  # its exception, if it failed
+        raise AssertionError(f"no {what} after {DEADLINE_S} s" if not done else f"ended before {what}")
 
 
 # --- real model -------------------------------------------------------------------------
@@ -110,7 +129,7 @@ async def test_long_generation_streams_and_cancel_stops_it(provider):
                 first_delta.set()
 
     task = asyncio.create_task(consume())
-    await first_delta.wait()
+    await first_of(first_delta, task, "first delta")
     # True streaming: the first delta is here while llama.cpp is still generating.
     assert (await provider.server_metrics())["requests_processing"] == 1
     cancelled_at = time.perf_counter()
@@ -152,8 +171,8 @@ async def test_cancel_during_prefill_stops_generation(provider):
     stream = provider.stream(chat(("user", f"{notes} Summarise these notes.")), [],
                              GenerationParams(max_tokens=200))
     first = asyncio.create_task(anext(stream))
-    while (await provider.server_metrics())["requests_processing"] == 0:
-        await asyncio.sleep(0.01)
+    await wait_metrics(provider, lambda metrics: metrics["requests_processing"] > 0 or first.done(), "processing the request")
+    assert not first.done(), "the request ended before it was seen processing"
     first.cancel()  # ~800 prompt tokens: llama.cpp is still in prefill here
     with pytest.raises(asyncio.CancelledError):
         await first

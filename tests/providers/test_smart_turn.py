@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from faster_whisper.feature_extractor import FeatureExtractor
 
-from tests.conftest import FIXTURES, Processes, free_port, wait_serving
+from tests.conftest import FIXTURES, START_S, Processes, free_port, wait_serving
 from voicemesh.v1 import common_pb2, vad_pb2, vad_pb2_grpc
 from voicemesh.vad import smart_turn
 from voicemesh.vad.segmenter import EventKind, SegmenterParams, SpeechSegmenter
@@ -241,12 +241,13 @@ def vad_services(tmp_path_factory):
     procs = Processes(tmp_path_factory.mktemp("smart-turn-vad"))
     try:
         ports = free_port(), free_port()
-        procs.serve("vad", ports[0])
-        procs.start("vad-no-smart-turn", [sys.executable, "-m", "voicemesh.cli", "serve", "vad", "--host", "127.0.0.1",
-                                          "--port", str(ports[1])], env={"VOICEMESH_SMART_TURN_MODEL": "/nonexistent.onnx"})
+        started = [procs.serve("vad", ports[0]),
+                   procs.start("vad-no-smart-turn", [sys.executable, "-m", "voicemesh.cli", "serve", "vad", "--host",
+                                                     "127.0.0.1", "--port", str(ports[1])],
+                               env={"VOICEMESH_SMART_TURN_MODEL": "/nonexistent.onnx"})]
         addresses = [f"127.0.0.1:{port}" for port in ports]
-        for address in addresses:
-            wait_serving(address, timeout=120)
+        for address, proc in zip(addresses, started, strict=True):
+            wait_serving(address, proc, timeout=START_S)
         yield addresses
     finally:
         procs.stop_all()
@@ -259,7 +260,7 @@ def detect(address: str, config: vad_pb2.VadConfig, pcm: np.ndarray) -> list:
             yield vad_pb2.DetectRequest(audio=common_pb2.AudioChunk(data=pcm[start : start + 960].tobytes()))
 
     with grpc.insecure_channel(address) as channel:
-        return list(vad_pb2_grpc.VadServiceStub(channel).Detect(requests(), timeout=60))
+        return list(vad_pb2_grpc.VadServiceStub(channel).Detect(requests(), timeout=180))
 
 
 @pytest.mark.models

@@ -16,6 +16,7 @@ from voicemesh.tts.providers.espeak import EspeakTtsProvider
 from voicemesh.tts.providers.hibari import HibariTtsProvider
 
 TWO_SENTENCES = "Hello there. How are you today?"
+DEADLINE_S = 60  # for a state the provider must reach (far sooner when idle); never a speed claim
 LONG_TEXT = " ".join(f"This is sentence number {n} of a long paragraph." for n in range(40))
 
 
@@ -179,7 +180,14 @@ async def test_espeak_cancelled_consumer_leaves_no_child(espeak, monkeypatch):
                 await asyncio.sleep(60)  # stalls; espeak blocks on the full stdout pipe
 
     task = asyncio.create_task(slow_consumer())
-    await started.wait()
+    waiter = asyncio.ensure_future(started.wait())
+    await asyncio.wait({waiter, task}, timeout=DEADLINE_S, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if not started.is_set():
+        if task.done():
+            task.result()  # what went wrong
+        task.cancel()
+        raise AssertionError(f"no audio within {DEADLINE_S} s (done: {task.done()})")
     assert seen and espeak_children() == seen  # the child was alive mid-stream
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -194,9 +202,9 @@ async def test_espeak_abandoned_generator_is_cleaned_up(espeak):
     assert await anext(stream)
     assert espeak_children()
     del stream  # never closed: asyncio's async-generator finalizer must still end the child
-    for _ in range(500):  # liveness bound, not a timing claim
-        if not espeak_children() and asyncio.all_tasks() == {asyncio.current_task()}:
-            break  # child reaped and the finalizer's aclose() task has finished
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S  # liveness bound, not a timing claim
+    while espeak_children() or asyncio.all_tasks() != {asyncio.current_task()}:
+        # until the child is reaped and the finalizer's aclose() task has finished
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"after {DEADLINE_S} s: children {espeak_children()}, tasks {asyncio.all_tasks()}")
         await asyncio.sleep(0.01)
-    assert espeak_children() == []
-    assert asyncio.all_tasks() == {asyncio.current_task()}
