@@ -78,20 +78,26 @@ class Processes:
             stop_process(proc)
 
 
+def start_fake_mesh(procs: Processes, transcripts: str) -> tuple[str, str]:
+    """The real orchestrator in front of the scripted fakes (tests/fakes/scripted.py, one
+    process, FAKE_TRANSCRIPTS=transcripts). Returns the (orchestrator, fakes) addresses."""
+    fake_port, orch_port = free_port(), free_port()
+    fakes = procs.start("fakes", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(fake_port)],
+                        env={"FAKE_TRANSCRIPTS": transcripts})
+    wait_for_port(fake_port, fakes, timeout=START_S)
+    fake_addr = f"127.0.0.1:{fake_port}"
+    env = {f"VOICEMESH_{kind}_ADDR": fake_addr for kind in ("VAD", "STT", "LLM", "TTS")}
+    orchestrator = procs.serve("orchestrator", orch_port, env)
+    wait_serving(f"127.0.0.1:{orch_port}", orchestrator, timeout=START_S)
+    return f"127.0.0.1:{orch_port}", fake_addr
+
+
 @pytest.fixture(scope="module")
 def fake_mesh(tmp_path_factory):
     """The real orchestrator in front of the scripted fake services (one separate process)."""
     procs = Processes(tmp_path_factory.mktemp("fake-mesh"))
     try:
-        fake_port, orch_port = free_port(), free_port()
-        fakes = procs.start("fakes", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(fake_port)],
-                            env={"FAKE_TRANSCRIPTS": os.environ.get("FAKE_TRANSCRIPTS", "")})
-        wait_for_port(fake_port, fakes, timeout=START_S)
-        fake_addr = f"127.0.0.1:{fake_port}"
-        env = {f"VOICEMESH_{kind}_ADDR": fake_addr for kind in ("VAD", "STT", "LLM", "TTS")}
-        orchestrator = procs.serve("orchestrator", orch_port, env)
-        wait_serving(f"127.0.0.1:{orch_port}", orchestrator, timeout=START_S)
-        yield f"127.0.0.1:{orch_port}"
+        yield start_fake_mesh(procs, os.environ.get("FAKE_TRANSCRIPTS", ""))[0]
     finally:
         procs.stop_all()
 

@@ -7,13 +7,12 @@ race against the clock."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, Processes, free_port, wait_for_port, wait_serving
+from conftest import FIXTURES, Processes, start_fake_mesh
 from converse_probe import PCM16_16K, ConverseProbe, event_is, silence, tone
 from tests.fakes.scripted import release_finals
 from voicemesh.v1 import orchestrator_pb2 as pb
@@ -28,14 +27,7 @@ def late_mesh(tmp_path_factory):
     """The real orchestrator in front of the scripted fakes; yields (orchestrator, fakes) addresses."""
     procs = Processes(tmp_path_factory.mktemp("late-mesh"))
     try:
-        fake_port, orch_port = free_port(), free_port()
-        fakes = procs.start("fakes", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(fake_port)],
-                            env={"FAKE_TRANSCRIPTS": f"{FIRST_WORDS},count messages"})
-        wait_for_port(fake_port, fakes)
-        fake_addr = f"127.0.0.1:{fake_port}"
-        procs.serve("orchestrator", orch_port, {f"VOICEMESH_{kind}_ADDR": fake_addr for kind in ("VAD", "STT", "LLM", "TTS")})
-        wait_serving(f"127.0.0.1:{orch_port}", timeout=120)
-        yield f"127.0.0.1:{orch_port}", fake_addr
+        yield start_fake_mesh(procs, f"{FIRST_WORDS},count messages")
     finally:
         procs.stop_all()
 
