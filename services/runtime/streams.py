@@ -14,6 +14,7 @@ async def with_reader(reader: Awaitable[None], results: AsyncIterator) -> AsyncI
     """
     reader_task = asyncio.ensure_future(reader)
     iterator = aiter(results)
+    next_result: asyncio.Future | None = None
     try:
         while True:
             next_result = asyncio.ensure_future(anext(iterator))
@@ -29,6 +30,10 @@ async def with_reader(reader: Awaitable[None], results: AsyncIterator) -> AsyncI
             except StopAsyncIteration:
                 break
     finally:
+        # Cancelled (the call went away): the pending anext() task would be left pending and
+        # later garbage-collected ("Task was destroyed but it is pending!"); cancel it instead.
+        if next_result is not None and not next_result.done():
+            next_result.cancel()
         if not reader_task.done():
             reader_task.cancel()
         elif not reader_task.cancelled() and reader_task.exception() is not None:

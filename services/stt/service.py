@@ -1,6 +1,7 @@
 """The STT service: a thin servicer over one SttProvider stream per call."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -15,6 +16,10 @@ from voicemesh.v1 import stt_pb2, stt_pb2_grpc
 
 PROVIDERS = {"whisper": "voicemesh.stt.providers.whisper:WhisperSttProvider"}
 PROVIDER_RATE_HZ = 16000  # every provider is fed PCM16 mono at 16 kHz
+# A cancelled call shows the end of the requests first and its cancellation a loop turn later
+# (~0.2 ms): the end-of-requests final waits this long, so that a caller who has gone does not
+# get its trailing audio decoded (3-4 s of audio, ~1 s of CPU, after every session).
+END_GRACE_S = 0.05
 
 
 class SttServicer(ServicerBase, stt_pb2_grpc.SttServiceServicer):
@@ -33,13 +38,16 @@ class SttServicer(ServicerBase, stt_pb2_grpc.SttServiceServicer):
                 )
             )
             spans = _TurnSpans(config.language or self.provider_info().details.get("language", ""))
+            answered = False
             try:
                 async for result in with_reader(_feed(request_iterator, inbound, stream, spans), stream.results()):
                     spans.result(result)
                     yield _to_response(result)
+                answered = True
             finally:
                 spans.close()
-                await stream.close()
+                # Cancelled or failed: nobody reads what is still pending, so it is not decoded.
+                await (stream.close() if answered else stream.abort())
 
     async def Info(self, request, context):
         return stt_pb2.SttServiceInfoResponse(info=self.service_info(input_rates=(0,)))
@@ -83,7 +91,8 @@ class _TurnSpans:
 
 
 async def _feed(request_iterator, inbound: InboundAudio, stream: SttStream, spans: _TurnSpans) -> None:
-    """Route requests to the provider stream; the end of the requests closes recognition."""
+    """Route requests to the provider stream; the end of the requests (a half-close: the
+    client still reads) finalizes what is left and closes recognition."""
     async for request in request_iterator:
         kind = request.WhichOneof("request")
         if kind == "audio":
@@ -98,6 +107,7 @@ async def _feed(request_iterator, inbound: InboundAudio, stream: SttStream, span
             await stream.finalize()
         elif kind == "config":
             raise InvalidInput("Recognize: config may only be sent once, as the first message")
+    await asyncio.sleep(END_GRACE_S)  # cancelled here if the caller has gone (see END_GRACE_S)
     await stream.finalize()
     await stream.close()
 

@@ -126,6 +126,8 @@ class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
     async def Info(self, request, context):
         info = self.service_info(input_rates=(0,))
         info.details["smart_turn"] = SMART_TURN_MODEL if self.smart_turn is not None else "unavailable"
+        if self.smart_turn is not None:
+            info.details.update(self.smart_turn.cpu.details(prefix="smart_turn_"))
         return vad_pb2.VadServiceInfoResponse(info=info)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from voicemesh.runtime.cpu import EngineCpu, engine_threads, onnx_session_options, wait_policy
 from voicemesh.runtime.models import model_path
 from voicemesh.vad.segmenter import EventKind, SpeechEvent, SpeechSegmenter
 
@@ -115,9 +116,11 @@ class SmartTurnModel:
     provider's thread, so Silero windows of other streams never wait behind it.
     """
 
-    def __init__(self, path: Path, threads: int = 1) -> None:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
         self.path = path
-        self._threads = threads
+        # One thread unless VOICEMESH_SMART_TURN_THREADS says otherwise: ~30 ms per call, and
+        # the Silero windows of other streams need the other core meanwhile.
+        self.cpu = EngineCpu(engine_threads("vad", 1, threads, name="smart_turn_threads"), wait_policy())
         self._session = None
         self._input = "input_features"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smart-turn")
@@ -137,10 +140,7 @@ class SmartTurnModel:
     def _load_blocking(self) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self._threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = onnx_session_options(ort, self.cpu)
         session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or list(inputs[0].shape[1:]) != [N_MELS, FRAMES] or len(outputs) != 1:
@@ -151,7 +151,8 @@ class SmartTurnModel:
         started = time.perf_counter()
         for _ in range(2):  # the first runs allocate and pick kernels
             self.score_blocking(np.zeros(WINDOW_SAMPLES, dtype=np.float32))
-        log.info("Smart Turn loaded from %s (warm-up %.0f ms)", self.path, (time.perf_counter() - started) * 1000)
+        log.info("Smart Turn loaded from %s (warm-up %.0f ms): %s",
+                 self.path, (time.perf_counter() - started) * 1000, self.cpu.describe())
 
     def score_blocking(self, audio: np.ndarray) -> float:
         """End-of-turn probability (0-1) of the audio's last 8 s (int16 or float [-1, 1])."""

@@ -36,6 +36,7 @@ from voicemesh.llm.providers.base import (
     ToolSpec,
 )
 from voicemesh.llm.providers.toolcalls import ToolCallStreamParser, openai_messages, openai_tools
+from voicemesh.runtime.cpu import EngineCpu, engine_threads, set_omp_wait_policy, wait_policy
 from voicemesh.runtime.models import MODELS, model_path
 from voicemesh.runtime.provider import ProviderInfo
 
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "qwen2.5-0.5b-instruct"
 PREFILL_CHUNK_TOKENS = 256
+DEFAULT_THREADS = 2  # at most; fewer when the process has fewer CPUs (runtime/cpu.py)
+# How hard ggml's own threadpool polls for work (0-100; 0: sleep at once). This build uses
+# OpenMP instead, whose waits OMP_WAIT_POLICY governs, but a build without it would poll.
+POLL = 0
 _DONE = object()  # end-of-stream marker put on the queue by the generation thread
 
 
@@ -63,11 +68,13 @@ class LlamaCppLlmProvider(LlmProvider):
         native_tool_history: bool = False,
     ) -> None:
         """model: GGUF path (default: the embedded Qwen2.5 model, VOICEMESH_LLM_MODEL).
-        threads (VOICEMESH_LLM_THREADS, 2), context tokens per slot (VOICEMESH_LLM_CONTEXT,
-        4096), parallel slots (VOICEMESH_LLM_PARALLEL, 1). native_tool_history: see
-        toolcalls.openai_messages."""
+        threads (VOICEMESH_LLM_THREADS, else 2, or the CPUs available if fewer: runtime/cpu.py),
+        context tokens per slot (VOICEMESH_LLM_CONTEXT, 4096), parallel slots
+        (VOICEMESH_LLM_PARALLEL, 1). native_tool_history: see toolcalls.openai_messages."""
         self._model_override = Path(model) if model else None
-        self.threads = threads or _env_int("VOICEMESH_LLM_THREADS", 2)
+        self._threads = engine_threads("llm", DEFAULT_THREADS, threads)
+        self.threads = self._threads.threads
+        self._cpu = EngineCpu(self._threads, wait_policy())  # the wait policy is fixed in load()
         self.context = context or _env_int("VOICEMESH_LLM_CONTEXT", 4096)
         self.parallel = parallel or _env_int("VOICEMESH_LLM_PARALLEL", 1)
         self.native_tool_history = native_tool_history
@@ -98,11 +105,13 @@ class LlamaCppLlmProvider(LlmProvider):
         )
         if "error" in reply or "choices" not in reply:
             raise RuntimeError(f"llama.cpp warm-up failed: {reply}")
-        log.info("llama.cpp ready: %s, %d threads, %d-token context x %d slot(s), %.2fs",
-                 self._model_file.name, self.threads, self.context, self.parallel,
+        log.info("llama.cpp ready: %s, %s, poll %d, %d-token context x %d slot(s), %.2fs",
+                 self._model_file.name, self._cpu.describe(), POLL, self.context, self.parallel,
                  time.perf_counter() - started)
 
     def _start_server(self, path: Path) -> Any:
+        # Its OpenMP (libgomp) reads the wait policy once, when the library loads: set it first.
+        self._cpu = EngineCpu(self._threads, set_omp_wait_policy("xllamacpp"))
         import xllamacpp  # heavy native module: only load it in processes that run this provider
 
         if not path.is_file():
@@ -113,6 +122,8 @@ class LlamaCppLlmProvider(LlmProvider):
         params.n_ctx = self.context * self.parallel  # the KV cache is split across slots
         params.cpuparams.n_threads = self.threads
         params.cpuparams_batch.n_threads = self.threads
+        params.cpuparams.poll = POLL
+        params.cpuparams_batch.poll = POLL
         # Prefill runs in chunks of n_batch tokens with a progress report after each, the
         # only points where a cancel can land before the first token (~1.3 s at 2 threads).
         params.n_batch = PREFILL_CHUNK_TOKENS
@@ -126,7 +137,8 @@ class LlamaCppLlmProvider(LlmProvider):
             provider="llamacpp",
             model=model.name if model else MODELS[MODEL_NAME].output,
             details={
-                "threads": str(self.threads),
+                **self._cpu.details(),
+                "poll": str(POLL),
                 "context": str(self.context),
                 "parallel": str(self.parallel),
                 "tool_format": "qwen2.5 <tool_call> json",

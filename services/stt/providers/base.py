@@ -73,6 +73,10 @@ class SttStream(abc.ABC):
     async def close(self) -> None:
         """Stop recognition; results() ends after what is pending."""
 
+    async def abort(self) -> None:
+        """The caller has gone and will read nothing more: drop pending work, end results()."""
+        await self.close()
+
 
 class SttProvider(Provider):
     @abc.abstractmethod

@@ -13,26 +13,26 @@ pipeline skips Whisper's no-speech rule, so we apply it ourselves.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from voicemesh.runtime.config import env_value
+from voicemesh.runtime.cpu import EngineCpu, engine_threads, set_omp_wait_policy, wait_policy
 from voicemesh.runtime.models import model_path
 from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.stt.providers.base import SttProvider, SttStream, SttStreamConfig, Word
+from voicemesh.stt.providers.decode_queue import DecodeJob, DecodeQueue
 from voicemesh.stt.providers.whisper_stream import (
     INTERIM_EVERY_MS, LOG_PROB_FLOOR, NO_SPEECH_PROB, WHISPER_RATE_HZ, WhisperSttStream, _Decoded,
 )
 
 log = logging.getLogger(__name__)
-DEFAULT_THREADS = 2
+DEFAULT_THREADS = 2  # at most; fewer when the process has fewer CPUs (runtime/cpu.py)
 DEFAULT_LANGUAGE = "en"
 
 
@@ -43,12 +43,14 @@ def _whisper_language(bcp47: str) -> str:
 class WhisperSttProvider(SttProvider):
     """Whisper via faster-whisper. model_dir: a CTranslate2 Whisper folder (default: the
     embedded whisper-base, env VOICEMESH_STT_MODEL_DIR); cpu_threads: CTranslate2 intra-op
-    threads (env VOICEMESH_STT_THREADS, else 2); language: default when a stream names none
-    (env VOICEMESH_STT_LANGUAGE, else "en"); word_timestamps: word times on finals (env
-    VOICEMESH_STT_WORD_TIMESTAMPS, default on; off saves ~5-15% of the final decode).
+    threads (env VOICEMESH_STT_THREADS, else 2, or the CPUs available if fewer); language:
+    default when a stream names none (env VOICEMESH_STT_LANGUAGE, else "en"); word_timestamps:
+    word times on finals (env VOICEMESH_STT_WORD_TIMESTAMPS, default on; off saves ~5-15% of
+    the final decode).
 
     All decodes, from every stream, run one at a time on one dedicated thread: the model
     already uses `cpu_threads` cores, and parallel decodes would only slow each other down.
+    Finals go first, and interims nobody needs any more are dropped unrun (decode_queue.py).
     """
 
     name = "whisper"
@@ -58,12 +60,13 @@ class WhisperSttProvider(SttProvider):
         language: str | None = None, word_timestamps: bool | None = None,
     ) -> None:
         self._model_dir = Path(model_dir) if model_dir else None
-        self.cpu_threads = cpu_threads or int(env_value("stt", "threads", str(DEFAULT_THREADS)))
+        self._cpu = EngineCpu(engine_threads("stt", DEFAULT_THREADS, cpu_threads), wait_policy())
+        self.cpu_threads = self._cpu.threads.threads
         self.language = _whisper_language(language or env_value("stt", "language", DEFAULT_LANGUAGE))
         if word_timestamps is None:
             word_timestamps = env_value("stt", "word_timestamps", "1").lower() not in ("0", "false", "no", "off")
         self.word_timestamps = word_timestamps
-        self._executor: ThreadPoolExecutor | None = None
+        self._queue = DecodeQueue("whisper")
         self._pipeline = None  # faster_whisper.BatchedInferencePipeline once loaded
 
     async def load(self) -> None:
@@ -72,11 +75,11 @@ class WhisperSttProvider(SttProvider):
         # faster-whisper treats a missing folder as a Hub repo id and would try to download it.
         if not (self._model_dir / "model.bin").exists():
             raise FileNotFoundError(f"no Whisper model (model.bin) in {self._model_dir}")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load_sync)
+        await self._queue.submit(self._load_sync, final=True).future
 
     def _load_sync(self) -> None:
+        # CTranslate2's OpenMP (its own libgomp) reads the wait policy when it loads: set it first.
+        self._cpu = EngineCpu(self._cpu.threads, set_omp_wait_policy("ctranslate2"))
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         started = time.perf_counter()
@@ -88,7 +91,8 @@ class WhisperSttProvider(SttProvider):
         # Warm-up: the first decode allocates its buffers (measured ~25% slower than the next).
         noise = np.random.default_rng(0).normal(0.0, 0.01, WHISPER_RATE_HZ).astype(np.float32)
         self.decode(noise, self.language, self.word_timestamps)
-        log.info("whisper loaded from %s in %.2f s", self._model_dir, time.perf_counter() - started)
+        log.info("whisper loaded from %s in %.2f s: %s", self._model_dir, time.perf_counter() - started,
+                 self._cpu.describe())
 
     def info(self) -> ProviderInfo:
         return ProviderInfo(
@@ -96,7 +100,8 @@ class WhisperSttProvider(SttProvider):
             model=self._model_dir.name if self._model_dir else "whisper-base",
             sample_rates_hz=(WHISPER_RATE_HZ,),
             details={
-                "compute_type": "int8", "cpu_threads": str(self.cpu_threads), "language": self.language,
+                "compute_type": "int8", "cpu_threads": str(self.cpu_threads), **self._cpu.details(),
+                "language": self.language,
                 "word_timestamps": str(self.word_timestamps).lower(), "interim_every_ms": str(INTERIM_EVERY_MS),
             },
         )
@@ -107,13 +112,23 @@ class WhisperSttProvider(SttProvider):
         return WhisperSttStream(self, config, _whisper_language(config.language or self.language))
 
     async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._queue.close()  # what is queued is dropped; a running decode finishes on its thread
         self._pipeline = None
 
+    @property
+    def queue(self) -> DecodeQueue:
+        return self._queue
+
+    def submit_decode(
+        self, audio: np.ndarray, language: str, words: bool, offset_ms: int, final: bool, key: object,
+    ) -> DecodeJob:
+        """Queue a decode (see decode_queue.py); `key` is the stream, so a newer interim of
+        the same stream replaces a queued one."""
+        return self._queue.submit(self.decode, audio, language, words, offset_ms, final=final, key=key)
+
     async def decode_async(self, audio: np.ndarray, language: str, words: bool, offset_ms: int = 0) -> _Decoded:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.decode, audio, language, words, offset_ms)
+        """One decode, queued as a final (ahead of interims)."""
+        return await self._queue.submit(self.decode, audio, language, words, offset_ms, final=True).future
 
     def decode(self, audio: np.ndarray, language: str, words: bool, offset_ms: int = 0) -> _Decoded:
         """Blocking, on the executor: float32 16 kHz mono audio (under 30 s) -> text.

@@ -19,6 +19,7 @@ from voicemesh.stt.providers.base import (
 )
 
 if TYPE_CHECKING:
+    from voicemesh.stt.providers.decode_queue import DecodeJob
     from voicemesh.stt.providers.whisper import WhisperSttProvider
 
 log = logging.getLogger("voicemesh.stt.providers.whisper")
@@ -41,6 +42,18 @@ QUIET_FLOOR_RMS = 150.0  # ... or below this int16 RMS (about -47 dBFS), whichev
 NO_SPEECH_PROB = 0.6
 LOG_PROB_FLOOR = -1.0
 _END = object()  # results() sentinel
+
+
+@dataclass(frozen=True)
+class _DecodeRequest:
+    """What one decode covers: the audio and where it sits in the stream."""
+
+    audio: np.ndarray  # float32 16 kHz
+    audio_start_ms: int  # stream time of the audio's first sample (word times are offset by it)
+    turn_id: str
+    start_ms: int  # the span reported on the transcript
+    end_ms: int
+    asked_at: float  # perf_counter() when it was asked for
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,11 @@ class WhisperSttStream(SttStream):
     finalize() returns at once; the final transcript and the end of utterance follow on
     results() when the decode is done. Finals come out in the order of the finalize() calls,
     and no interim of an utterance is emitted after its final.
+
+    Decodes go through the provider's queue: a final is queued at once with final priority;
+    an interim waits behind every final and is dropped unrun if it goes stale first (this
+    stream finalized or closed, or queued a newer interim). A final waits only for a decode
+    already running, which it reuses when that decode covers the pause.
     """
 
     def __init__(self, provider: WhisperSttProvider, config: SttStreamConfig, language: str) -> None:
@@ -83,9 +101,11 @@ class WhisperSttStream(SttStream):
         self._generation = 0  # bumped when an utterance ends; interims of older ones are dropped
         self._next_interim_at = 0
         self._previous_words: list[str] = []
-        self._interim_task: asyncio.Task | None = None
+        self._interim_task: asyncio.Task | None = None  # its decode queued or running
+        self._interim_job: DecodeJob | None = None
         self._interim_generation = 0
-        self._final_task: asyncio.Task | None = None  # the last one; each waits for the one before
+        self._final_task: asyncio.Task | None = None  # the last one; each emits after the one before
+        self._final_tasks: set[asyncio.Task] = set()
         self._pending_finals = 0
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False
@@ -114,8 +134,8 @@ class WhisperSttStream(SttStream):
         if self._utterance_start is None:
             return
         self._track_pauses(pcm16)
-        if self._interim_task is not None or self._pending_finals:
-            return  # busy: retry on the next push
+        if self._pending_finals or self._interim_running():
+            return  # busy: retry on the next push (a queued interim may be replaced below)
         if self._pause_covered() and self._pause_long_enough():
             self._announce_pause()  # a decode made before the pause was long enough covers it
         elif self._pause_needs_decode():
@@ -144,13 +164,19 @@ class WhisperSttStream(SttStream):
             loud_last = count - 1 - int(np.argmin(quiet[::-1]))  # the last frame that was not quiet
             self._quiet_since = first + (loud_last + 1) * frame if loud_last < count - 1 else None
 
+    def _interim_running(self) -> bool:
+        """This stream's interim decode has started (it cannot be stopped, only waited for)."""
+        return self._interim_task is not None and self._interim_job is not None and self._interim_job.started
+
     def _pause_needs_decode(self) -> bool:
-        """The user has paused, and no decode (done or running) covers the speech before it."""
+        """The user has paused, and no decode (done or queued) covers the speech before it."""
         if self._quiet_since is None or self._total - self._quiet_since < self._samples(PAUSE_MS):
             return False
         if self._quiet_since - self._utterance_start < self._samples(PAUSE_MS):
             return False  # no speech in this utterance yet
-        return not self._pause_covered()
+        queued_covers = (self._interim_task is not None and self._interim_generation == self._generation
+                         and self._interim_end >= self._quiet_since)
+        return not self._pause_covered() and not queued_covers
 
     def _pause_long_enough(self) -> bool:
         return self._quiet_since is not None and self._total - self._quiet_since >= self._samples(PAUSE_MS)
@@ -176,7 +202,8 @@ class WhisperSttStream(SttStream):
         latest = self._latest
         if latest and latest[0] == self._generation and latest[1] >= self._quiet_since:
             return latest[2]
-        if self._interim_task is not None and self._interim_generation == self._generation and self._interim_end >= self._quiet_since:
+        # Only a decode already running: a queued one costs as much as the final's own decode.
+        if self._interim_running() and self._interim_generation == self._generation and self._interim_end >= self._quiet_since:
             return self._interim_task
         return None
 
@@ -194,6 +221,7 @@ class WhisperSttStream(SttStream):
         if self._closed:
             return
         end = self._total
+        self._provider.queue.discard(self)  # an interim of this utterance not started yet is stale
         reusable = self._reusable_decode()
         if self._utterance_start is not None:
             start_ms = self._ms(self._utterance_start)
@@ -206,9 +234,11 @@ class WhisperSttStream(SttStream):
         self._segment_start = end
         self._previous_words = []
         self._pending_finals += 1
-        self._final_task = asyncio.create_task(
-            self._run_final(self._final_task, audio, audio_start_ms, turn_id, start_ms, self._ms(end), reusable)
-        )
+        final = _DecodeRequest(audio, audio_start_ms, turn_id, start_ms, self._ms(end), time.perf_counter())
+        job = None if reusable is not None else self._submit(final, is_final=True)
+        self._final_task = asyncio.create_task(self._run_final(self._final_task, final, job, reusable))
+        self._final_tasks.add(self._final_task)
+        self._final_task.add_done_callback(self._final_tasks.discard)
 
     async def results(self) -> AsyncIterator[SttResult]:
         while (item := await self._queue.get()) is not _END:
@@ -217,13 +247,34 @@ class WhisperSttStream(SttStream):
             yield item
 
     async def close(self) -> None:
+        """results() ends after the pending finals; an interim not started yet is dropped."""
         if self._closed:
             return
         self._closed = True
         self._generation += 1  # an interim still decoding is dropped
-        if self._final_task is not None:
-            await self._final_task  # pending finals still come out
+        self._provider.queue.discard(self)
+        if self._final_task is not None and not self._final_task.done():
+            # Not awaited here: a cancelled close() must not cancel the finals (nor leave
+            # results() waiting forever).
+            self._final_task.add_done_callback(lambda _: self._queue.put_nowait(_END))
+        else:
+            self._queue.put_nowait(_END)
+
+    async def abort(self) -> None:
+        """Nobody will read the results: drop every queued decode of this stream, end results()."""
+        self._closed = True
+        self._generation += 1
+        self._provider.queue.discard(self, finals=True)
+        for task in (self._interim_task, *self._final_tasks):
+            if task is not None:
+                task.cancel()
         self._queue.put_nowait(_END)
+
+    def _submit(self, request: "_DecodeRequest", is_final: bool) -> "DecodeJob":
+        return self._provider.submit_decode(
+            request.audio, self._language, self._provider.word_timestamps, request.audio_start_ms,
+            final=is_final, key=self,
+        )
 
     def _audio(self, start: int, end: int) -> tuple[int, np.ndarray]:
         """Stream samples [start, end), clipped to what the ring holds and to one decode:
@@ -236,28 +287,29 @@ class WhisperSttStream(SttStream):
         return self._ms(start), audio
 
     def _start_interim(self) -> None:
+        """Queue an interim decode of the open utterance; it replaces one still queued."""
         self._next_interim_at = self._total + self._samples(INTERIM_EVERY_MS)
-        _, audio = self._audio(self._utterance_start - self._samples(PREROLL_MS), self._total)
+        audio_start_ms, audio = self._audio(self._utterance_start - self._samples(PREROLL_MS), self._total)
         span = (self._ms(self._utterance_start), self._ms(self._total))
         self._interim_end, self._interim_generation = self._total, self._generation
-        audio_start_ms = self._ms(self._utterance_start - self._samples(PREROLL_MS))
-        self._interim_task = asyncio.create_task(
-            self._run_interim(self._generation, self._turn_id, audio, span, audio_start_ms)
-        )
+        # Same settings as a final, so a decode made in a pause can become the final.
+        request = _DecodeRequest(audio, audio_start_ms, self._turn_id, span[0], span[1], time.perf_counter())
+        self._interim_job = self._submit(request, is_final=False)
+        self._interim_task = asyncio.create_task(self._run_interim(self._interim_job, self._generation, self._turn_id, span))
 
     async def _run_interim(
-        self, generation: int, turn_id: str, audio: np.ndarray, span: tuple[int, int], audio_start_ms: int,
+        self, job: "DecodeJob", generation: int, turn_id: str, span: tuple[int, int],
     ) -> "_Decoded | None":
         try:
-            # Same settings as a final, so a decode made in a pause can become the final.
-            decoded = await self._provider.decode_async(
-                audio, self._language, self._provider.word_timestamps, max(0, audio_start_ms)
-            )
+            decoded = await job.future
         except Exception:  # an interim is disposable; the final reports decode errors
             log.exception("whisper interim decode failed")
             return None
         finally:
-            self._interim_task = None
+            if self._interim_task is asyncio.current_task():  # not replaced meanwhile
+                self._interim_task = self._interim_job = None
+        if decoded is None:
+            return None  # dropped unrun: stale before its turn came
         self._latest = (generation, self._samples(span[1]), decoded)
         if generation != self._generation or not decoded.text:
             return decoded  # finalized or replaced meanwhile, or nothing heard yet
@@ -276,33 +328,38 @@ class WhisperSttStream(SttStream):
         ))
 
     async def _run_final(
-        self, previous: asyncio.Task | None, audio: np.ndarray, audio_start_ms: int,
-        turn_id: str, start_ms: int, end_ms: int, reusable: "_Decoded | asyncio.Task | None" = None,
+        self, previous: asyncio.Task | None, final: "_DecodeRequest", job: "DecodeJob | None",
+        reusable: "_Decoded | asyncio.Task | None",
     ) -> None:
         try:
+            decoded: _Decoded | None = None
+            error: Exception | None = None
+            try:
+                if isinstance(reusable, asyncio.Task):  # the running interim covers the pause
+                    reusable = await reusable
+                if reusable is not None:  # decoded during the pause: only silence came after it
+                    decoded = reusable
+                else:
+                    # Word times come relative to the decoded audio, which starts at the pre-roll.
+                    job = job or self._submit(final, is_final=True)  # the reused interim failed
+                    decoded = await job.future
+            except Exception as exc:  # surfaces from results(), so the service can fail the stream
+                log.exception("whisper final decode failed")
+                error = exc
             if previous is not None:
-                await previous
-            if isinstance(reusable, asyncio.Task):
-                reusable = await reusable
-            if reusable is None and self._interim_task is not None:  # one decode in flight at a time
-                await asyncio.wait([self._interim_task])
-            started = time.perf_counter()
-            if reusable is not None:  # decoded during the pause: only silence came after it
-                decoded = reusable
-            else:
-                # Word times come relative to the decoded audio, which starts at the pre-roll.
-                decoded = await self._provider.decode_async(
-                    audio, self._language, self._provider.word_timestamps, audio_start_ms
-                )
-            log.debug("whisper final: %.0f ms for %.2f s of audio",
-                      (time.perf_counter() - started) * 1000, len(audio) / WHISPER_RATE_HZ)
+                await previous  # finals come out in the order they were asked for
+            if error is not None:
+                self._queue.put_nowait(error)
+                return
+            if decoded is None:
+                return  # dropped unrun: the stream was aborted
+            log.debug("whisper final: %.0f ms after finalize for %.2f s of audio%s",
+                      (time.perf_counter() - final.asked_at) * 1000, len(final.audio) / WHISPER_RATE_HZ,
+                      "" if job else " (the pause decode)")
             self._queue.put_nowait(SttTranscript(
-                text=decoded.text, is_final=True, stability=1.0, confidence=decoded.confidence,
-                language=self._language, start_ms=start_ms, end_ms=end_ms, words=decoded.words, turn_id=turn_id,
+                text=decoded.text, is_final=True, stability=1.0, confidence=decoded.confidence, language=self._language,
+                start_ms=final.start_ms, end_ms=final.end_ms, words=decoded.words, turn_id=final.turn_id,
             ))
-            self._queue.put_nowait(SttEndOfUtterance(offset_ms=end_ms, turn_id=turn_id))
-        except Exception as exc:  # surfaces from results(), so the service can fail the stream
-            log.exception("whisper final decode failed")
-            self._queue.put_nowait(exc)
+            self._queue.put_nowait(SttEndOfUtterance(offset_ms=final.end_ms, turn_id=final.turn_id))
         finally:
             self._pending_finals -= 1

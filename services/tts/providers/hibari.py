@@ -9,18 +9,22 @@ and audio leaves in ~100 ms chunks so the transport can pace and interrupt it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from voicemesh.runtime.cpu import EngineCpu, engine_threads, onnx_session_options, wait_policy
 from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.tts.providers.base import SynthesisRequest, TtsProvider
 
+log = logging.getLogger(__name__)
+
 SAMPLE_RATE_HZ = 24_000
 DEFAULT_VOICE = "heart"
-DEFAULT_THREADS = 2
+DEFAULT_THREADS = 2  # at most; fewer when the process has fewer CPUs (runtime/cpu.py)
 MIN_SPEED, MAX_SPEED = 0.5, 2.0  # the range hibari documents for its duration predictor
 
 
@@ -48,7 +52,8 @@ def _to_pcm16(audio: np.ndarray) -> bytes:
 
 class HibariTtsProvider(TtsProvider):
     """hibari TTS. voice: default voice (env VOICEMESH_TTS_VOICE, else "heart"); threads:
-    onnxruntime intra-op threads (env VOICEMESH_TTS_THREADS, else 2); chunk_ms: audio chunk size.
+    onnxruntime intra-op threads (env VOICEMESH_TTS_THREADS, else 2, or the CPUs available if
+    fewer); its threads never spin (OMP_WAIT_POLICY=ACTIVE lets them); chunk_ms: audio chunk size.
     English only: request.language is not checked, the voice decides the accent.
     """
 
@@ -57,7 +62,8 @@ class HibariTtsProvider(TtsProvider):
 
     def __init__(self, voice: str | None = None, threads: int | None = None, chunk_ms: int = 100) -> None:
         self.default_voice = voice or os.environ.get("VOICEMESH_TTS_VOICE") or DEFAULT_VOICE
-        self.threads = threads or int(os.environ.get("VOICEMESH_TTS_THREADS", DEFAULT_THREADS))
+        self._cpu = EngineCpu(engine_threads("tts", DEFAULT_THREADS, threads), wait_policy())
+        self.threads = self._cpu.threads.threads
         self.chunk_bytes = 2 * SAMPLE_RATE_HZ * chunk_ms // 1000
         # One worker: hibari's G2P is plain Python state and onnxruntime already uses
         # `threads` cores per run; concurrent streams queue rather than oversubscribe.
@@ -76,6 +82,7 @@ class HibariTtsProvider(TtsProvider):
         # The first call loads the G2P lexicons (~0.2 s) and lets onnxruntime size its buffers.
         engine = self._engine(self.default_voice)
         engine("Warm up.")
+        log.info("hibari ready: voice %s, %s", self.default_voice, self._cpu.describe())
 
     def info(self) -> ProviderInfo:
         import hibari
@@ -87,7 +94,7 @@ class HibariTtsProvider(TtsProvider):
             details={
                 "voice": self.default_voice,
                 "voices": ",".join(self.voices()),
-                "threads": str(self.threads),
+                **self._cpu.details(),
             },
         )
 
@@ -145,9 +152,17 @@ class HibariTtsProvider(TtsProvider):
             british = VOICES[voice]["british"]
             same_accent = (e for name, e in self._engines.items() if VOICES[name]["british"] == british)
             g2p = next((e.g2p for e in same_accent), None)
-            engine = Hibari(voice=voice, threads=self.threads, g2p=g2p)
+            engine = Hibari(voice=voice, threads=1, g2p=g2p)
+            engine.sess = self._session(engine.model_path)
             self._engines[voice] = engine
         return engine
+
+    def _session(self, path: str):
+        """hibari builds its session with spinning worker threads and takes no options, so the
+        voice's model is opened again with ours (7.9 MB, once per voice)."""
+        import onnxruntime as ort
+
+        return ort.InferenceSession(path, onnx_session_options(ort, self._cpu), providers=["CPUExecutionProvider"])
 
     def _phonemize(self, voice: str, text: str) -> list[str]:
         return self._engine(voice).phonemize(text)

@@ -10,13 +10,17 @@ CPU, and the per-stream state lives in `SileroVadStream`, never in the session.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from voicemesh.runtime.cpu import EngineCpu, engine_threads, onnx_session_options, wait_policy
 from voicemesh.runtime.models import model_path
 from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.vad.providers.base import VadFrameResult, VadProvider, VadStream
+
+log = logging.getLogger(__name__)
 
 WINDOW_SAMPLES = 512
 CONTEXT_SAMPLES = 64
@@ -28,8 +32,11 @@ _INT16_SCALE = 1.0 / 32768.0
 class SileroVadProvider(VadProvider):
     name = "silero"
 
-    def __init__(self, model_file: str | None = None) -> None:
+    def __init__(self, model_file: str | None = None, threads: int | None = None) -> None:
         self._model_file = model_file  # None: the embedded model (or VOICEMESH_VAD_MODEL)
+        # One onnxruntime thread (VOICEMESH_VAD_THREADS overrides): a window is far too small
+        # to split, and more threads would only wake each other.
+        self._cpu = EngineCpu(engine_threads("vad", 1, threads), wait_policy())
         self._session = None
         self._input_names: tuple[str, str, str] = ("input", "state", "sr")
         self._output_names: tuple[str, str] = ("output", "stateN")
@@ -51,10 +58,7 @@ class SileroVadProvider(VadProvider):
         import onnxruntime as ort
 
         path = self._model_file or str(model_path("silero-vad"))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = onnx_session_options(ort, self._cpu)
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self._input_names, self._output_names = _signature(session, path)
         self._session = session
@@ -63,6 +67,7 @@ class SileroVadProvider(VadProvider):
         window = np.zeros((1, CONTEXT_SAMPLES + WINDOW_SAMPLES), dtype=np.float32)
         for _ in range(3):
             _, state = self.run_window(window, state)
+        log.info("silero vad loaded from %s: %s", path, self._cpu.describe())
 
     def info(self) -> ProviderInfo:
         return ProviderInfo(
@@ -73,6 +78,7 @@ class SileroVadProvider(VadProvider):
                 "window_samples": str(WINDOW_SAMPLES),
                 "context_samples": str(CONTEXT_SAMPLES),
                 "runtime": "onnxruntime-cpu",
+                **self._cpu.details(),
             },
         )
 
