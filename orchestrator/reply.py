@@ -84,6 +84,7 @@ class Speculation:
     text: str
     held: object  # HeldPlayout
     task: asyncio.Task
+    settled: int = 0  # the session's settled superseded turns when it started (more since: stale)
 
 
 def same_words(a: str, b: str) -> bool:

@@ -41,7 +41,9 @@ class TurnTaking:
     turn_count = 0
     reply_task: asyncio.Task | None = None
     user_speaking = False
+    unanswered = False  # a superseded turn's words joined the context; no reply has heard them yet
     _barge_serial = 0
+    _settled = 0  # superseded turns settled so far: a speculation made before one is stale
 
     # ---- turns -----------------------------------------------------------------------
     def _new_turn(self, started_at: float, turn_id: str = "") -> Turn:
@@ -144,16 +146,20 @@ class TurnTaking:
         turn.cancel_timers()
         text = turn.user_text.strip()
         speculation, turn.speculation = turn.speculation, None
-        if not text:
+        if not text and not self.unanswered:
             if speculation:
                 speculation.task.cancel()
             self._end_turn(turn, Ended.REASON_NO_SPEECH)  # noise, or nothing recognisable (closes turn.calls)
             return
+        # With no words of its own (a cough after a question the STT was still working on), the
+        # turn answers the superseded turn's words, as it would have been answered on a fast STT.
         turn.replying = True
-        self.context.add_user(text)
-        if self.recorder:
-            self.recorder.entry("user", text)
-        if speculation and same_words(speculation.text, text):
+        self.unanswered = False
+        if text:
+            self.context.add_user(text)
+            if self.recorder:
+                self.recorder.entry("user", text)
+        if speculation and text and speculation.settled == self._settled and same_words(speculation.text, text):
             log.debug("turn %s: speculative reply confirmed", turn.turn_id)
             self.reply_task = speculation.task
             if turn.calls:  # the speculation has its own
@@ -176,7 +182,8 @@ class TurnTaking:
         held = HeldPlayout(self.playout)
         reply = BotReply(self.reply_env, held, turn, speculative=True)
         messages = self.context.snapshot(llm_pb2.ChatMessage(role="user", content=text))
-        turn.speculation = Speculation(text, held, asyncio.ensure_future(self._finish_reply(reply.run(messages), turn, held)))
+        task = asyncio.ensure_future(self._finish_reply(reply.run(messages), turn, held))
+        turn.speculation = Speculation(text, held, task, settled=self._settled)
 
     def _drop_speculation(self, turn: Turn) -> None:
         if turn.speculation:
@@ -219,6 +226,8 @@ class TurnTaking:
         self.timers.activity()
         self.user_speaking = True
         options = self.config.interruptions
+        if self.barge is not None and not self._bot_replying():
+            self._barge_to_turn()  # the bot finished while that speech's final was on its way
         if self._bot_replying():
             if options.HasField("allow") and not options.allow:
                 return  # the bot keeps the floor; this speech is ignored
@@ -252,18 +261,27 @@ class TurnTaking:
         words = len(text.split())
         if barge is None or not words or (self._bot_replying() and words < self.config.interruptions.min_words):
             return
-        self.barge = None
-        turn = self._new_turn(barge.started_at, turn_id=barge.turn_id)  # interrupts the bot
+        self._barge_to_turn()  # interrupts the bot
+
+    def _barge_to_turn(self) -> Turn:
+        """Speech over the bot becomes the user's turn, with its Finalize (if sent) still owed."""
+        barge, self.barge = self.barge, None
+        turn = self._new_turn(barge.started_at, turn_id=barge.turn_id)
+        turn.pending_finals, turn.user_end_at, turn.finalize_sent_at = barge.pending_finals, barge.user_end_at, barge.finalize_sent_at
         self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STARTED, turn_number=turn.number)))
+        return turn
 
     async def _user_stopped(self, offset_ms: int) -> None:
         self.user_speaking = False
-        if self.barge is not None:  # ask for its final: it may still reach min_words
+        barge = self.barge
+        if barge is not None:  # ask for its final: it may still reach min_words
+            barge.pending_finals += 1
+            barge.user_end_at, barge.finalize_sent_at = self._arrival_time(offset_ms), time.monotonic()
             await self.caller_audio.flush_stt(offset_ms)
-            await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=self.barge.turn_id)))
+            await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=barge.turn_id)))
             return
         turn = self.turn
-        if turn is None or turn.replying:
+        if turn is None or turn.replying or turn.ended:
             return
         self.timers.activity()
         turn.user_end_at = self._arrival_time(offset_ms)
@@ -272,6 +290,8 @@ class TurnTaking:
         turn.finalize_sent_at = time.monotonic()
         await self.caller_audio.flush_stt(offset_ms)
         await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=turn.turn_id)))
+        if turn.ended or turn.replying:  # it changed while the writes waited
+            return
         if turn.calls is None:
             turn.calls = ReplyCalls.open(self.reply_env.clients, call_metadata(turn, speculative=False))
         self._watch_final(turn)
@@ -368,9 +388,11 @@ class TurnTaking:
         """A superseded turn's final is in: its words join the context, ahead of the next turn's
         (finals come in the order of the Finalize messages), and its span ends."""
         del self.awaiting[turn.turn_id]
+        self._settled += 1
         text = turn.user_text.strip()
         if text:
             self.context.add_user(text)
+            self.unanswered = True
             if self.recorder:
                 self.recorder.entry("user", text)
         self.tracing.end_turn(turn.span, *turn.ended_as[:2], turn.latency_ms, turn.ended_as[2])

@@ -78,12 +78,12 @@ def main() -> int:
         term.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
+    hog = start_hog(args.cpu)  # before the SIGTERM handler: a signal now cannot strand it
     signal.signal(signal.SIGTERM, terminated)
-    hog = start_hog(args.cpu)
     results: list[tuple[int, bool]] = []
-    print(f"busy loop: pid {hog.pid}{f' on CPU {args.cpu}' if args.cpu is not None else ''}; {os.cpu_count()} CPUs; "
-          f"{args.runs} runs of: {' '.join(command[1:])}; logs in {log_dir}", flush=True)
     try:
+        print(f"busy loop: pid {hog.pid}{f' on CPU {args.cpu}' if args.cpu is not None else ''}; {os.cpu_count()} CPUs; "
+              f"{args.runs} runs of: {' '.join(command[1:])}; logs in {log_dir}", flush=True)
         for run in range(1, args.runs + 1):
             log = log_dir / f"run-{run:02d}.log"
             began, hog_began = time.monotonic(), cpu_seconds(hog.pid)

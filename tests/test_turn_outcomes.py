@@ -109,6 +109,48 @@ async def test_speaking_again_before_the_final_is_a_new_turn_answering_both(late
         assert [t.turn_number for t in probe.of("turn_started")] == [1, 2]
 
 
+async def test_a_superseded_question_is_answered_even_if_the_next_turn_has_no_words(late_mesh):
+    """A question, then a cough while the STT still works on the question: the cough's turn
+    (no words) answers the question, as a fast STT would have."""
+    orchestrator, fakes = late_mesh
+    config = held_config("hold-cough")
+    async with ConverseProbe(orchestrator, config) as probe:
+        await probe.send_audio(utterance())
+        await probe.wait_for(event_is("speaking", kind=Speaking.KIND_USER_STOPPED, turn_number=1), timeout=60)
+        await probe.send_audio(utterance())
+        await probe.wait_for(event_is("speaking", kind=Speaking.KIND_USER_STOPPED, turn_number=2), timeout=60)
+        await release(fakes, config.session_id)
+        second = (await probe.wait_for(event_is("turn_ended", turn_number=2), timeout=60)).turn_ended
+        assert second.reason == Ended.REASON_ANSWERED, second
+        assert [(t.turn_number, t.text) for t in probe.of("bot_text")] == [(2, f"You said: {FIRST_WORDS}.")]
+
+
+async def test_speech_over_the_bot_whose_final_is_late_is_not_lost(late_mesh):
+    """min_words: speech over the bot waits for its words; the bot stops meanwhile, and the user
+    speaks again before that final came. Both utterances are turns, and the reply hears both."""
+    orchestrator, fakes = late_mesh
+    config = held_config()
+    config.interruptions.min_words = 10  # more than the fake's interims reach: only the final could
+    async with ConverseProbe(orchestrator, config) as probe:
+        await probe.send_text("tell me a long story")
+        await probe.wait_for(lambda e: e.HasField("bot_text"), timeout=60)
+        await probe.send_audio(utterance())  # over the bot: its final is held
+        await probe.wait_for(event_is("turn_started", turn_number=1), timeout=60)
+        await probe.send(pb.ConverseRequest(control=pb.SessionControl(interrupt=pb.Interrupt())))
+        await probe.wait_for(event_is("turn_ended", turn_number=1), timeout=60)
+        await probe.send_audio(utterance())  # the user speaks again; the first final is still held
+        await probe.wait_for(event_is("speaking", kind=Speaking.KIND_USER_STOPPED, turn_number=3), timeout=60)
+        await release(fakes, config.session_id)
+        third = (await probe.wait_for(event_is("turn_ended", turn_number=3), timeout=60)).turn_ended
+        assert third.reason == Ended.REASON_ANSWERED, third
+        second = [e for e in probe.of("turn_ended") if e.turn_number == 2]
+        assert [e.reason for e in second] == [Ended.REASON_INTERRUPTED]
+        finals = [(t.turn_number, t.text) for t in probe.of("user_transcript") if t.is_final and t.turn_number > 1]
+        assert finals == [(2, FIRST_WORDS), (3, "count messages")]
+        # system, the story request, the story as far as spoken, the first words, "count messages"
+        assert [t.text for t in probe.of("bot_text") if t.turn_number == 3] == ["I see 5 messages."]
+
+
 async def test_end_waits_for_a_late_final_and_answers_it(late_mesh):
     orchestrator, fakes = late_mesh
     config = held_config(final_transcript_timeout_secs=0.1)

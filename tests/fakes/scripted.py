@@ -10,7 +10,8 @@ port, with fixed, known behaviour so orchestrator tests can assert exact event s
   200 ms of audio with WORDS_PER_SECOND words per second of audio so far ("w1 w2 ...").
   A late STT on demand: in a session whose id starts with "hold-", every final (and its
   end of utterance) is held, in order, until the test calls Control/Release with that
-  session id (`release_finals`); in one whose id starts with "silent-", finals are empty.
+  session id (`release_finals`); "hold-cough-" also makes every final after the first empty
+  (a cough after a question); in a session whose id starts with "silent-", finals are empty.
 - LLM: replies "You said: <last user message>." word by word, TOKEN_DELAY_S apart; a
   message containing "long story" gets a 30-sentence reply (for barge-in tests). With
   tools declared, "weather in X and Y" calls get_weather once per city (in parallel), then
@@ -144,7 +145,8 @@ class FakeStt(stt_pb2_grpc.SttServiceServicer):
                         out.put_nowait(stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=words, turn_id=turn_id)))
             elif kind == "finalize":
                 text = scripted[utterances] if utterances < len(scripted) else f"utterance {utterances + 1}"
-                text = "" if session_id.startswith("silent-") else text
+                coughs = session_id.startswith("hold-cough-") and utterances > 0
+                text = "" if session_id.startswith("silent-") or coughs else text
                 utterances += 1
                 turn_id = request.finalize.turn_id
                 final = (stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(text=text, is_final=True, confidence=1.0, turn_id=turn_id)),

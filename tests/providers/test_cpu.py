@@ -16,7 +16,8 @@ def machine(monkeypatch):
     """A 4-core machine with all 4 in the affinity mask, unless a test changes it."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    for name in ("VOICEMESH_STT_THREADS", "VOICEMESH_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+    names = [f"VOICEMESH_{kind}_THREADS" for kind in ("STT", "LLM", "TTS", "VAD", "SMART_TURN")]
+    for name in (*names, "VOICEMESH_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.setenv(name, "")  # so that the test's own changes are undone too
         monkeypatch.delenv(name)
 

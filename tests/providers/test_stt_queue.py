@@ -236,10 +236,12 @@ async def test_a_final_goes_before_queued_interims_and_drops_its_own(whisper):
     whisper.gate.hold()
     await queue_interim(whisper, "A", running=True)
     b = await queue_interim(whisper, "B")
-    await queue_interim(whisper, "C")
+    c = await queue_interim(whisper, "C")
+    c_interim = c._interim_task
     await b.finalize()  # B's queued interim is stale now; B's final jumps ahead of C's interim
     whisper.gate.release()
     final, end = await results_until_end_of_utterance(b)
+    await c_interim  # C's interim runs after B's final: wait for it before reading the order
     assert final.is_final and final.text.startswith("B final") and end.turn_id == "B-turn"
     assert whisper.ran == [("A", "interim"), ("B", "final"), ("C", "interim")]
     assert ("B", "interim") not in whisper.ran and whisper.queue.skipped == 1
