@@ -6,46 +6,59 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --disable-pip-version-check -q
 PROTOS := $(wildcard protos/voicemesh/v1/*.proto)
-GEN    := build/gen/voicemesh/v1
+STUBS  := protos/voicemesh/v1/.stubs
+# One distribution per folder (pyproject.toml explains the layout); installed editable, each
+# with the extras of its embedded default provider. Exact versions: requirements/constraints.txt.
+DISTS  := protos services/runtime services/vad services/stt services/llm services/tts services/transport \
+          orchestrator clients/python clients/cli
+EDITABLE := protos services/runtime services/vad[silero] services/stt[whisper,models] services/llm[llamacpp,models] \
+          services/tts[hibari] services/transport orchestrator clients/python clients/cli
+PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(DISTS))
 REQS   := $(wildcard requirements/*.txt)
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run up test lint gen models apt browser clean help bench
+.PHONY: install run up test lint stubs models apt browser clean help bench wheels
 
 help:
 	@echo "make run    start the whole mesh locally and chat with it (Ctrl-C stops it)"
 	@echo "make test   run the test suite"
 	@echo "make lint   buf lint the protos, ruff the code"
 	@echo "make test-busy      the suite 5 times with one core kept busy (RUNS=N); test-busy-e2e: e2e+tracing 20 times"
+	@echo "make wheels one wheel per distribution in build/wheels; make images: one container image per service"
 	@echo "make bench  benchmarks (15 min on 2 cores): bench/results/latest.{json,md}, plots"
 
-install: $(VENV)/.installed $(GEN)/.stamp .models/.stamp apt
+install: $(VENV)/.installed $(STUBS) models apt
 
-$(VENV)/.installed: $(REQS) pyproject.toml
+# Editable installs in compat mode: each folder goes on sys.path as it is (a .pth line), so
+# imports, IDEs and type checkers all read the same files the wheels are built from.
+$(VENV)/.installed: $(REQS) $(PYPROJECTS) protos/setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/models.txt -r requirements/dev.txt
+	$(PIP) -c requirements/constraints.txt -r requirements/dev.txt
 	$(PIP) --no-deps -r requirements/nodeps.txt
-	mkdir -p $(GEN) && touch $(GEN)/__init__.py  # the stubs' package must exist to install
-	$(PIP) --no-deps --no-build-isolation -e .
+	$(PIP) -c requirements/constraints.txt --no-build-isolation --config-settings editable_mode=compat \
+		$(addprefix -e ,$(EDITABLE))
 	touch $@
 
-# Stubs are generated from protos/ by the build, never committed or edited by hand.
-$(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
-	rm -f $(GEN)/*_pb2*.py $(GEN)/*_pb2*.pyi && mkdir -p $(GEN)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=build/gen --pyi_out=build/gen \
-		--grpc_python_out=build/gen $(PROTOS)
-	touch $(GEN)/__init__.py $@
+# The protos' build generates the stubs (wheel or editable install); this regenerates them in
+# place when a .proto changes. Never committed or edited by hand.
+$(STUBS): $(PROTOS) $(VENV)/.installed
+	$(BIN)/python protos/setup.py stubs
+	touch $@
 
-gen: $(GEN)/.stamp
+stubs: $(STUBS)
 
-# Join the split model files once, with progress and a sha256 check.
-.models/.stamp: $(VENV)/.installed services/runtime/models.py
+# Join (or copy) and sha256-check every installed service's models into VOICEMESH_MODEL_DIR
+# (default ~/.local/share/voicemesh/models); a second run only checks sizes (about a second).
+models: $(VENV)/.installed
 	$(BIN)/voicemesh models setup
-	touch $@
 
-models: .models/.stamp
+# Every distribution's wheel, the stubs built in by the protos' own build (no `make stubs` needed).
+wheels: $(VENV)/.installed
+	rm -rf build/wheels $(addsuffix /build,$(DISTS)) && mkdir -p build/wheels
+	$(BIN)/pip wheel --disable-pip-version-check -q --no-deps --no-build-isolation -w build/wheels . $(addprefix ./,$(DISTS))
+	touch build/wheels/.ready
 
 # Debian packages the tests and the espeak provider need (chromium, firefox-esr and pulseaudio,
 # headless Firefox's audio output: the browser tests).
@@ -98,4 +111,4 @@ bench: install $(BENCH_VENV)/.installed
 	$(BIN)/voicemesh bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build .models $(VENV) $(BENCH_VENV)
+	rm -rf build $(VENV) $(BENCH_VENV) $(STUBS) protos/voicemesh/v1/*_pb2*.py* $(addsuffix /build,$(DISTS))

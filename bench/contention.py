@@ -390,7 +390,7 @@ def run(addr: str, pids: dict[str, int], runs: int, limit_kind: str = "auto", cp
         idle_s: float = 3.0, log=print) -> dict:
     """Warm-up, idle baseline, then `runs` rounds of quiet, busy and limited; returns the results."""
     from bench import embedded
-    from voicemesh.wavio import load_for_sending
+    from voicemesh.client.wavio import load_for_sending
 
     samples = load_for_sending(embedded.FIXTURES / "question_capital.wav")
     asyncio.run(embedded.one_voice_to_voice(addr, samples))  # warm caches; not counted

@@ -26,9 +26,9 @@ import numpy as np
 
 from bench.stats import percentile
 from voicemesh.client import config_request
-from voicemesh.talk import SessionTracker, open_session, talk_session
+from voicemesh.client.session import SessionTracker, open_session, talk_session
 from voicemesh.v1 import common_pb2, llm_pb2, llm_pb2_grpc, orchestrator_pb2 as pb, tts_pb2, tts_pb2_grpc
-from voicemesh.wavio import load_for_sending
+from voicemesh.client.wavio import load_for_sending
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 Speaking = pb.SpeakingEvent

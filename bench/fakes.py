@@ -14,7 +14,7 @@ BENCH_LATENCIES (see bench.scenario.Latencies):
 """
 from __future__ import annotations
 
-import voicemesh.grpc_env  # noqa: F401 - first, as in every voicemesh process (see its docstring)
+import voicemesh.runtime.grpc_env  # noqa: F401 - first, as in every voicemesh process (see its docstring)
 
 import argparse
 import asyncio

@@ -10,7 +10,7 @@ The k-th speech burst of a session is matched to turn number k of that session.
 """
 from __future__ import annotations
 
-import voicemesh.grpc_env  # noqa: F401 - first, as in every voicemesh process (see its docstring)
+import voicemesh.runtime.grpc_env  # noqa: F401 - first, as in every voicemesh process (see its docstring)
 
 import argparse
 import asyncio

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from voicemesh.launcher import stop_process, wait_for_port, wait_serving
+from voicemesh.cli.mesh import stop_process, wait_for_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = ROOT / "bench" / "results" / "logs"
@@ -50,7 +50,7 @@ class Procs:
         return proc
 
     def serve_orchestrator(self, port: int, env: dict, cores: str | None) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "voicemesh.cli", "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port)]
+        argv = [sys.executable, "-m", "voicemesh.runtime.serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port)]
         proc = self.start("orchestrator", argv, env, cores)
         wait_serving(f"127.0.0.1:{port}", proc, timeout=120)
         return proc

@@ -8,7 +8,7 @@ what every hop of the mesh pays before any of its own work.
 """
 from __future__ import annotations
 
-import voicemesh.grpc_env  # noqa: F401 - first, as in every voicemesh process
+import voicemesh.runtime.grpc_env  # noqa: F401 - first, as in every voicemesh process
 
 import argparse
 import asyncio

@@ -159,7 +159,7 @@ def stage_vad(args, results: dict) -> None:
     procs = Procs()
     try:
         port = free_port()
-        argv = [sys.executable, "-m", "voicemesh.cli", "serve", "vad", "--host", "127.0.0.1", "--port", str(port)]
+        argv = [sys.executable, "-m", "voicemesh.runtime.serve", "vad", "--host", "127.0.0.1", "--port", str(port)]
         vad = procs.start("vad", argv, cores="0")
         wait_serving(f"127.0.0.1:{port}", vad)
         points = {}
@@ -192,7 +192,7 @@ def stage_vad(args, results: dict) -> None:
 
 def stage_embedded(args, results: dict) -> None:
     from bench import embedded
-    from voicemesh.launcher import Mesh, free_ports
+    from voicemesh.cli.mesh import Mesh, free_ports
 
     with Mesh(ports=free_ports(), log_dir=RESULTS / "logs" / "embedded", ready_timeout=300) as mesh:
         addr = mesh.orchestrator_address
@@ -208,7 +208,7 @@ def stage_embedded(args, results: dict) -> None:
 
 def stage_contention(args, results: dict) -> None:
     from bench import contention
-    from voicemesh.launcher import Mesh, free_ports
+    from voicemesh.cli.mesh import Mesh, free_ports
 
     with Mesh(ports=free_ports(), log_dir=RESULTS / "logs" / "contention", ready_timeout=300) as mesh:
         pids = {kind: child.process.pid for kind, child in mesh.children.items()}

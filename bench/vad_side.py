@@ -22,7 +22,7 @@ import uvloop
 
 from bench.stats import cpu_seconds, percentile
 from voicemesh.v1 import common_pb2, vad_pb2, vad_pb2_grpc
-from voicemesh.wavio import load_for_sending, speech_segments
+from voicemesh.client.wavio import load_for_sending, speech_segments
 
 CHUNK_MS = 60
 RATE = 16000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from voicemesh.launcher import stop_process, wait_for_port, wait_serving  # noqa: F401 - re-exported to the tests
+from voicemesh.cli.mesh import stop_process, wait_for_port, wait_serving  # noqa: F401 - re-exported to the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -33,7 +33,7 @@ def utterances(name: str, before_ms: int = 500, after_ms: int = 1000) -> list:
     say the next thing only once the bot has reacted, instead of trusting the file's pauses."""
     import json
 
-    from voicemesh.wavio import load_for_sending
+    from voicemesh.client.wavio import load_for_sending
 
     samples = load_for_sending(FIXTURES / name)
     spans = json.loads((FIXTURES / "fixtures.json").read_text())[name]
@@ -70,7 +70,7 @@ class Processes:
         return proc
 
     def serve(self, kind: str, port: int, env: dict[str, str] | None = None, extra: list[str] = ()) -> subprocess.Popen:
-        args = [sys.executable, "-m", "voicemesh.cli", "serve", kind, "--host", "127.0.0.1", "--port", str(port), *extra]
+        args = [sys.executable, "-m", "voicemesh.runtime.serve", kind, "--host", "127.0.0.1", "--port", str(port), *extra]
         return self.start(kind, args, env)
 
     def stop_all(self) -> None:
@@ -105,7 +105,7 @@ def fake_mesh(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_mesh(tmp_path_factory):
     """Every real service (embedded models) as its own process on free loopback ports."""
-    from voicemesh.launcher import Mesh, free_ports
+    from voicemesh.cli.mesh import Mesh, free_ports
 
     mesh = Mesh(ports=free_ports(), log_dir=tmp_path_factory.mktemp("real-mesh"), ready_timeout=300)
     try:

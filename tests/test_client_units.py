@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voicemesh import client, launcher
-from voicemesh.talk import SessionTracker, TalkResult, TurnResult
+from voicemesh.cli import commands, mesh as launcher, up as up_command
+from voicemesh.client.session import SessionTracker, TalkResult, TurnResult
 from voicemesh.v1 import common_pb2
 from voicemesh.v1 import orchestrator_pb2 as pb
-from voicemesh.wavio import (
+from voicemesh.client.wavio import (
     assign_latencies, chunk_send_times, load_for_sending, read_wav, send_time, speech_segments, write_wav,
 )
 
@@ -241,11 +241,11 @@ def test_result_ok_only_when_the_session_ended_cleanly():
 def test_cli_parsers_take_the_documented_flags():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    client.add_parsers(sub)
-    launcher.add_parser(sub)
+    commands.add_parsers(sub)
+    up_command.add_parser(sub)
     talk = parser.parse_args(["talk", "in.wav", "--out", "r.wav", "--json", "--wait-after", "5", "--voice", "v"])
     assert (talk.wav, talk.out, talk.json, talk.wait_after, talk.voice) == ("in.wav", "r.wav", True, 5.0, "v")
-    assert talk.system_prompt == client.DEFAULT_SYSTEM_PROMPT and callable(talk.handler)
+    assert talk.system_prompt == "" and callable(talk.handler)  # empty: the orchestrator's default prompt
     up = parser.parse_args(["up", "--port", "6000", "--stt-port", "6003", "--chat"])
     assert (up.port, up.stt_port, up.vad_port, up.chat) == (6000, 6003, 50052, True)
 

@@ -49,8 +49,35 @@ def test_assemble_rejects_a_wrong_hash_and_leaves_nothing(part_package):
 
 
 def test_model_path_env_override(monkeypatch, tmp_path):
+    from voicemesh.llm.models import QWEN_05B
+
     monkeypatch.setenv("VOICEMESH_LLM_MODEL", str(tmp_path / "mine.gguf"))
-    assert models.model_path("qwen2.5-0.5b-instruct") == tmp_path / "mine.gguf"
+    assert models.model_path(QWEN_05B) == tmp_path / "mine.gguf"
+
+
+def test_model_dir_is_a_data_directory_by_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("VOICEMESH_MODEL_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert models.model_dir() == tmp_path / "data" / "voicemesh" / "models"
+    monkeypatch.setenv("VOICEMESH_MODEL_DIR", str(tmp_path / "mine"))
+    assert models.model_dir() == tmp_path / "mine"
+
+
+def test_a_missing_model_says_how_to_set_it_up(part_package):
+    spec = _spec(part_package)
+    with pytest.raises(FileNotFoundError, match="voicemesh-models setup") as error:
+        models.model_path(spec)
+    assert "VOICEMESH_FAKE_MODEL" in str(error.value)
+    models.setup((spec,))
+    assert models.model_path(spec) == models.model_dir() / "fake" / "model.bin"
+
+
+def test_each_service_declares_only_its_own_models():
+    from voicemesh.runtime.serve import load_definition
+
+    names = {kind: {spec.name for spec in load_definition(kind).models} for kind in ("vad", "stt", "llm", "tts", "orchestrator")}
+    assert names == {"vad": {"silero-vad", "smart-turn"}, "stt": {"whisper-base"}, "llm": {"qwen2.5-0.5b-instruct"},
+                     "tts": set(), "orchestrator": set()}
 
 
 def test_mulaw_decode_matches_g711_reference_points():

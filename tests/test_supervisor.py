@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from voicemesh.launcher import ALL_SERVICES, LIFELINE_ENV, TRANSPORT, Mesh, free_ports, is_serving, port_in_use, wait_serving
+from voicemesh.cli.mesh import ALL_SERVICES, LIFELINE_ENV, TRANSPORT, Mesh, free_ports, is_serving, port_in_use, wait_serving
 from voicemesh.runtime.server import take_lifeline, watch_lifeline
 from voicemesh.v1 import common_pb2, vad_pb2, vad_pb2_grpc
 
@@ -57,7 +57,7 @@ def _children(pid: int) -> list[int]:
 def _is_service(pid: int) -> bool:
     """Still one of the services started here (not a recycled pid), before killing it."""
     try:
-        return b"voicemesh.cli\0serve" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"voicemesh.runtime.serve" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -176,7 +176,7 @@ def test_a_dead_otlp_endpoint_does_not_hold_up_the_stop(tmp_path):
            "OTEL_EXPORTER_OTLP_INSECURE": "true", "VOICEMESH_GRACE_SECONDS": str(grace)}
     log_path = tmp_path / "vad.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "voicemesh.cli", "serve", "vad", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "voicemesh.runtime.serve", "vad", "--port", str(port)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
         address = f"127.0.0.1:{port}"

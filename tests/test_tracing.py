@@ -42,9 +42,9 @@ async def _two_turns(address: str) -> SpokenConversation:
 
 def _traced_run(tmp_path_factory, content: bool):
     """Start the mesh exporting to a receiver, run the conversations, stop it (SIGTERM), collect."""
-    from voicemesh.launcher import Mesh, free_ports
-    from voicemesh.talk import talk_session
-    from voicemesh.wavio import load_for_sending
+    from voicemesh.cli.mesh import Mesh, free_ports
+    from voicemesh.client.session import talk_session
+    from voicemesh.client.wavio import load_for_sending
 
     receiver = Receiver().start()
     env = {**receiver.env(), "VOICEMESH_TRACE_CONTENT": "true" if content else "false"}

@@ -25,7 +25,7 @@ from voicemesh.runtime.audio import mulaw_to_pcm16, pcm16_to_mulaw
 def _serve_orchestrator(procs: Processes, fakes_addr: str, name: str = "orchestrator", grace: str = "10") -> str:
     port = free_port()
     env = {f"VOICEMESH_{kind}_ADDR": fakes_addr for kind in ("VAD", "STT", "LLM", "TTS")}
-    proc = procs.start(name, [sys.executable, "-m", "voicemesh.cli", "serve", "orchestrator", "--host", "127.0.0.1",
+    proc = procs.start(name, [sys.executable, "-m", "voicemesh.runtime.serve", "orchestrator", "--host", "127.0.0.1",
                               "--port", str(port), "--grace-seconds", grace], env)
     wait_serving(f"127.0.0.1:{port}", proc, timeout=START_S)
     return f"127.0.0.1:{port}"

@@ -184,8 +184,8 @@ async def test_cancel_with_a_turn_in_flight_says_so(late_mesh):
 def test_the_real_stack_answers_past_a_tiny_final_timeout(real_mesh):
     """On the embedded models, with the final timeout at 0.1 s (Whisper always takes longer):
     the turn is reported delayed and still answered."""
-    from voicemesh.talk import talk_session
-    from voicemesh.wavio import load_for_sending
+    from voicemesh.client.session import talk_session
+    from voicemesh.client.wavio import load_for_sending
 
     def configure(config: pb.SessionConfig) -> None:
         config.turn.final_transcript_timeout_secs = 0.1

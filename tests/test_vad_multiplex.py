@@ -19,9 +19,9 @@ import pytest
 
 from conftest import START_S, Processes, free_port
 from converse_probe import PCM16_16K, ConverseProbe, event_is, silence, tone
-from voicemesh.launcher import stop_process, wait_for_port, wait_serving
+from voicemesh.cli.mesh import stop_process, wait_for_port, wait_serving
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, vad_pb2, vad_pb2_grpc
-from voicemesh.wavio import load_for_sending
+from voicemesh.client.wavio import load_for_sending
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PIECE = 640  # 40 ms at 16 kHz

@@ -44,7 +44,7 @@ def start_transport(procs: Processes, orchestrator: str, env: dict[str, str] | N
     args = ["--host", "127.0.0.1", "--port", str(grpc_port), *extra]
     import sys
 
-    proc = procs.start(name, [sys.executable, "-m", "voicemesh.cli", "serve", "transport", *args], full_env)
+    proc = procs.start(name, [sys.executable, "-m", "voicemesh.runtime.serve", "transport", *args], full_env)
     wait_for_port(http_port, proc, timeout=START_S)  # fails at once if the process exits
     wait_serving(f"127.0.0.1:{grpc_port}", proc, timeout=START_S)
     return Transport(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", procs.log_dir / f"{name}.log", proc)

@@ -242,7 +242,7 @@ def vad_services(tmp_path_factory):
     try:
         ports = free_port(), free_port()
         started = [procs.serve("vad", ports[0]),
-                   procs.start("vad-no-smart-turn", [sys.executable, "-m", "voicemesh.cli", "serve", "vad", "--host",
+                   procs.start("vad-no-smart-turn", [sys.executable, "-m", "voicemesh.runtime.serve", "vad", "--host",
                                                      "127.0.0.1", "--port", str(ports[1])],
                                env={"VOICEMESH_SMART_TURN_MODEL": "/nonexistent.onnx"})]
         addresses = [f"127.0.0.1:{port}" for port in ports]

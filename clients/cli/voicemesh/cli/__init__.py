@@ -1,0 +1,1 @@
+"""The `voicemesh` command line: `up` (the local supervisor, `mesh`), `talk`, `chat`, `serve`, `models`, `bench`."""

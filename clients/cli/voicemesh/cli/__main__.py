@@ -1,0 +1,5 @@
+import sys
+
+from voicemesh.cli.main import main
+
+sys.exit(main())
