@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -113,6 +114,21 @@ def test_the_client_and_the_runtime_do_not_import_each_other():
     assert not within(imports("clients/python/voicemesh"), "voicemesh.runtime", "voicemesh.cli")
     assert not within(imports("services/runtime/voicemesh"), "voicemesh.client", "voicemesh.cli")
     assert within(imports("clients/python/voicemesh"), "voicemesh.client")  # the walk found the client's imports
+
+
+def test_models_setup_sets_up_one_service_alone(tmp_path):
+    env = {**os.environ, "VOICEMESH_MODEL_DIR": str(tmp_path)}
+    _run([sys.executable, "-m", "voicemesh.runtime.models", "setup", "vad"], env=env)
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file()) == [
+        "silero-vad/silero_vad.onnx", "smart-turn/smart-turn-v3.2-cpu.onnx"]
+
+
+def test_serving_a_service_that_is_not_installed_says_what_to_install():
+    result = subprocess.run([sys.executable, "-m", "voicemesh.runtime.serve", "asr"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "no service 'asr'" in result.stderr and "install voicemesh-asr" in result.stderr, result.stderr
+    assert "stt" in result.stderr  # the installed ones are listed
 
 
 # -- the wheels, each service in its own fresh environment --------------------------------------

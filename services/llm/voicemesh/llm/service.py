@@ -189,7 +189,9 @@ async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest], 
                 raise InvalidInput("Generate: only tool_result messages may follow the chat request")
             result = request.tool_result
             if result.tool_call_id not in expected:
-                raise InvalidInput(f"Generate: tool_result for unknown call id {result.tool_call_id!r}; expected one of {sorted(expected)}")
+                raise InvalidInput(
+                    f"Generate: tool_result for unknown call id {result.tool_call_id!r}; expected one of {sorted(expected)}"
+                )
             content = result.content if not result.is_error else json.dumps({"error": result.content})
             results[result.tool_call_id] = ChatTurn("tool", content, tool_call_id=result.tool_call_id)
             if result.skip_reply:
@@ -203,7 +205,8 @@ async def _collect_tool_results(request_iterator, calls: list[ToolCallRequest], 
                 span.end()
             if len(results) == len(expected):
                 return [results[call.id] for call in calls], skips == expected
-        raise FailedPrecondition(f"Generate: the request stream ended while {len(expected) - len(results)} tool result(s) were pending")
+        pending = len(expected) - len(results)
+        raise FailedPrecondition(f"Generate: the request stream ended while {pending} tool result(s) were pending")
     finally:
         for span in spans.values():  # no result came back (cancelled or failed)
             span.set_attribute("tool.status", "cancelled")

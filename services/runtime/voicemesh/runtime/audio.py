@@ -56,7 +56,8 @@ def pcm16_to_mulaw(samples: np.ndarray) -> bytes:
 def validate_format(fmt: common_pb2.AudioFormat, what: str, max_channels: int = 1) -> tuple[int, int, int]:
     """Check a format from the wire; returns (encoding, sample_rate_hz, channels)."""
     if fmt.encoding not in (PCM16, MULAW):
-        name = common_pb2.AudioEncoding.Name(fmt.encoding) if fmt.encoding in common_pb2.AudioEncoding.values() else str(fmt.encoding)
+        known = fmt.encoding in common_pb2.AudioEncoding.values()
+        name = common_pb2.AudioEncoding.Name(fmt.encoding) if known else str(fmt.encoding)
         raise InvalidInput(f"{what}: unsupported encoding {name}; use AUDIO_ENCODING_PCM16 or AUDIO_ENCODING_MULAW")
     if not MIN_RATE_HZ <= fmt.sample_rate_hz <= MAX_RATE_HZ:
         raise InvalidInput(

@@ -178,7 +178,8 @@ class EngineCpu:
 
     def describe(self) -> str:
         count = self.threads.threads
-        return f"{count} thread{'s' if count != 1 else ''} ({self.threads.source}), wait policy {self.wait.value} ({self.wait.source})"
+        threads = f"{count} thread{'s' if count != 1 else ''} ({self.threads.source})"
+        return f"{threads}, wait policy {self.wait.value} ({self.wait.source})"
 
 
 def onnx_session_options(ort, engine: EngineCpu):

@@ -178,7 +178,8 @@ async def serve_async(definition: ServiceDefinition, settings: ServeSettings) ->
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     servicer = definition.build(settings)
     info = servicer.provider_info()
-    telemetry.setup(definition.kind, {"voicemesh.provider": info.provider, "voicemesh.model": info.model, "service.version": VERSION})
+    resource = {"voicemesh.provider": info.provider, "voicemesh.model": info.model, "service.version": VERSION}
+    telemetry.setup(definition.kind, resource)
     definition.register(servicer, server)
     reflection.enable_server_reflection(
         (definition.service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -23,7 +23,6 @@ WRITE_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateE
 BATCH_MS = 40
 MAX_CHUNK_MS = 100
 # The Converse API carries DTMF once ConverseRequest has a `dtmf` (DtmfInput{digit}) field.
-CONVERSE_HAS_DTMF = "dtmf" in pb.ConverseRequest.DESCRIPTOR.fields_by_name
 
 
 def pcm16(rate_hz: int, channels: int = 1) -> common_pb2.AudioFormat:
@@ -144,14 +143,11 @@ class ConverseBridge:
     async def send_text(self, text: str) -> None:
         await self._write(pb.ConverseRequest(text=pb.TextInput(text=text)))
 
-    async def send_dtmf(self, digit: str) -> bool:
-        """A keypad digit. Logged and counted always; forwarded once Converse carries DTMF."""
+    async def send_dtmf(self, digit: str) -> None:
+        """A keypad digit: counted, logged, and forwarded to Converse as DtmfInput."""
         self.dtmf_digits.append(digit)
-        log.info("dtmf received", extra={"session_id": self.session_id, "connection": self.label, "digit": digit,
-                                         "forwarded": CONVERSE_HAS_DTMF})
-        if CONVERSE_HAS_DTMF:
-            await self._write(pb.ConverseRequest(dtmf=pb.DtmfInput(digit=digit)))  # type: ignore[attr-defined]
-        return CONVERSE_HAS_DTMF
+        log.info("dtmf received", extra={"session_id": self.session_id, "connection": self.label, "digit": digit})
+        await self._write(pb.ConverseRequest(dtmf=pb.DtmfInput(digit=digit)))
 
     async def end(self) -> None:
         """Graceful end: flush audio, let the bot finish its reply; the orchestrator then ends the stream."""

@@ -74,7 +74,9 @@ class VadServicer(ServicerBase, vad_pb2_grpc.VadServiceServicer):
     async def DetectMany(self, request_iterator, context: grpc.aio.ServicerContext):
         async with stream_guard(context, "DetectMany"):
             self.require_ready()
-            call = MultiplexedCall(self._detect, vad_pb2.DetectManyResponse, vad_pb2.DetectStreamEvent, "vad", "DetectMany", "Detect")
+            call = MultiplexedCall(
+                self._detect, vad_pb2.DetectManyResponse, vad_pb2.DetectStreamEvent, "vad", "DetectMany", "Detect"
+            )
             async for response in call.serve(request_iterator):
                 yield response
 

@@ -155,7 +155,8 @@ class SileroVadProvider(VadProvider):
                 stream._state = new_states[:, row : row + 1, :].copy()
                 stream._context = windows[row, -CONTEXT_SAMPLES:].copy()
                 stream._consumed += WINDOW_SAMPLES
-                results[index].append(VadFrameResult(end_offset_samples=stream._consumed, probability=float(probabilities[row, 0])))
+                probability = float(probabilities[row, 0])
+                results[index].append(VadFrameResult(end_offset_samples=stream._consumed, probability=probability))
         return results
 
 
