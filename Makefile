@@ -19,6 +19,10 @@ PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 
+.DEFAULT_GOAL := help
+include deploy/containers/images.mk
+include clients/clients.mk
+
 .PHONY: install run up test lint stubs models apt browser clean help bench wheels
 
 help:
@@ -83,13 +87,15 @@ run: install
 up: install
 	$(BIN)/voicemesh up
 
-test: install browser lint
+# The container images (deploy/containers/images.mk) and the Node and Go clients
+# (clients/clients.mk) are built first: their tests run the six images and both clients' suites.
+test: install browser lint clients images
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The suite on a slow machine: RUNS pytest runs in a row (5 of the whole suite; 20 of the e2e and
 # tracing tests) while a busy loop the runs do not own keeps one core busy (tests/busy_core.py).
 .PHONY: test-busy test-busy-e2e
-test-busy: install browser
+test-busy: install browser clients images
 	$(BIN)/python tests/busy_core.py --runs $(or $(RUNS),5) -- -q $(PYTEST_ARGS)
 
 test-busy-e2e: install browser
@@ -110,5 +116,5 @@ $(BENCH_VENV)/.installed: bench/requirements.txt
 bench: install $(BENCH_VENV)/.installed
 	$(BIN)/voicemesh bench $(BENCH_ARGS)
 
-clean:
+clean: clients-clean
 	rm -rf build $(VENV) $(BENCH_VENV) $(STUBS) protos/voicemesh/v1/*_pb2*.py* $(addsuffix /build,$(DISTS))

@@ -111,7 +111,8 @@ async def stage_costs(addrs: dict[str, str], runs: int) -> dict:
     llm_times, tts_times = [], []
     async with grpc.aio.insecure_channel(addrs["llm"]) as llm_channel, grpc.aio.insecure_channel(addrs["tts"]) as tts_channel:
         llm, tts = llm_pb2_grpc.LlmServiceStub(llm_channel), tts_pb2_grpc.TtsServiceStub(tts_channel)
-        messages = [llm_pb2.ChatMessage(role="system", content="You are a helpful voice assistant. Answer in one or two short sentences."),
+        messages = [llm_pb2.ChatMessage(role="system",
+                                        content="You are a helpful voice assistant. Answer in one or two short sentences."),
                     llm_pb2.ChatMessage(role="user", content="What is the capital of France?")]
         for _ in range(runs):
             start = time.monotonic()
@@ -127,7 +128,8 @@ async def stage_costs(addrs: dict[str, str], runs: int) -> dict:
             call = tts.Synthesize()
             fmt = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=24000, channels=1)
             await call.write(tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(format=fmt)))
-            await call.write(tts_pb2.SynthesizeRequest(text=tts_pb2.TextPiece(segment_id=1, text="The capital of France is Paris.", end_of_segment=True)))
+            await call.write(tts_pb2.SynthesizeRequest(
+                text=tts_pb2.TextPiece(segment_id=1, text="The capital of France is Paris.", end_of_segment=True)))
             async for response in call:
                 if response.HasField("audio"):
                     tts_times.append((time.monotonic() - start) * 1000)

@@ -1,4 +1,14 @@
-"""Fake VAD, STT, LLM and TTS services for the bench: the real protos, fixed known latencies.
+"""Wire-level fake VAD, STT, LLM and TTS services for the bench: the real protos, fixed known
+latencies, and nothing else.
+
+Why the bench keeps a wire-level fake: its headline figure is the latency the *orchestrator*
+adds, so everything behind it must cost as little as possible, and the fakes share a core with
+the load client. The tests' fakes are the real services with `--provider fake`
+(voicemesh.runtime.fakes; `Latencies.fake_script()` is this same behaviour for them, and
+`voicemesh bench --fakes providers` runs the overhead and capacity stages on them): they run
+the real servicers (validation, segmenter, resampling, sentence splitting, telemetry), four
+processes instead of two, and on a 2-core machine that cost lands in the figures (bench/README.md
+gives the comparison). Here each service is the smallest thing that answers the protocol.
 
 `python -m bench.fakes --port N --services vad,stt,llm,tts` serves the chosen ones on one
 port (the bench runs VAD+STT and LLM+TTS as two processes). Latencies come from
@@ -24,7 +34,7 @@ import grpc
 import numpy as np
 import uvloop
 
-from bench.scenario import FIRST_DELTA, FRAME_SAMPLES, REST_WORDS, SPEECH_RMS, Latencies, tone_audio
+from bench.scenario import FIRST_DELTA, FRAME_SAMPLES, REST_WORDS, SPEECH_RMS, TRANSCRIPT, Latencies, tone_audio
 from voicemesh.runtime.mux import MultiplexedCall
 from voicemesh.v1 import common_pb2, llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc, vad_pb2, vad_pb2_grpc
 
@@ -50,7 +60,8 @@ class FakeVad(vad_pb2_grpc.VadServiceServicer):
             leftover = data[whole * 2 * FRAME_SAMPLES :]
             if not whole:
                 continue
-            frames = np.frombuffer(data, dtype="<i2", count=whole * FRAME_SAMPLES).reshape(whole, FRAME_SAMPLES).astype(np.float32)
+            frames = (np.frombuffer(data, dtype="<i2", count=whole * FRAME_SAMPLES)
+                      .reshape(whole, FRAME_SAMPLES).astype(np.float32))
             loud = np.einsum("ij,ij->i", frames, frames) > _SPEECH_MS
             for speech in loud.tolist():
                 frames_seen += 1
@@ -83,7 +94,7 @@ class FakeStt(stt_pb2_grpc.SttServiceServicer):
                 await asyncio.sleep(LAT.stt_final_ms / 1000)
                 turn_id = request.finalize.turn_id
                 yield stt_pb2.RecognizeResponse(transcript=stt_pb2.Transcript(
-                    text="what is the capital of france", is_final=True, confidence=1.0, turn_id=turn_id))
+                    text=TRANSCRIPT, is_final=True, confidence=1.0, turn_id=turn_id))
                 yield stt_pb2.RecognizeResponse(end_of_utterance=stt_pb2.EndOfUtterance(turn_id=turn_id))
 
     async def Info(self, request, context):

@@ -101,7 +101,8 @@ async def main(args) -> dict:
     await asyncio.gather(*tasks, lag_task)
     cpu_used = cpu_seconds(os.getpid()) - cpu_start
     await asyncio.gather(*(channel.close() for channel in channels))
-    return summarise(stats, lat.fakes_total_ms, measure_from, stop_at - schedule.cycle_s, cpu_used, time.monotonic() - measure_from + schedule.warmup_s, lags)
+    return summarise(stats, lat.fakes_total_ms, measure_from, stop_at - schedule.cycle_s, cpu_used,
+                     time.monotonic() - measure_from + schedule.warmup_s, lags)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The mesh under load: the real orchestrator in front of the fixed-latency fakes.
 
-Processes: fakes VAD+STT, fakes LLM+TTS, the orchestrator (`voicemesh serve orchestrator`,
+Processes: the fakes (bench/fakes.py as VAD+STT and LLM+TTS, or with fakes="providers" the
+four real services with `--provider fake`), the orchestrator (`voicemesh serve orchestrator`,
 optionally pinned to one core) and the load client (`bench.load`, on the other core). The
 orchestrator's CPU is read from /proc over the measured window (after ramp and warm-up).
 """
@@ -17,11 +18,20 @@ from bench.scenario import Latencies
 from bench.stats import cpu_seconds
 
 
+FAKES = ("providers", "wire")  # the real services with --provider fake, or bench/fakes.py
+
+
 class MeshUnderTest:
-    """Fakes and orchestrator, started once and reused for several load runs."""
+    """Fakes and orchestrator, started once and reused for several load runs.
+
+    fakes="providers": the four real services with their fake providers (a process each), as
+    the tests run them; "wire": bench/fakes.py (two processes, no servicer: see its docstring)."""
 
     def __init__(self, lat: Latencies, orchestrator_cores: str | None = "0", others_cores: str | None = "1",
-                 profile_to: str | None = None):
+                 profile_to: str | None = None, fakes: str = "wire"):
+        if fakes not in FAKES:
+            raise ValueError(f"fakes must be one of {FAKES}, not {fakes!r}")
+        self.fakes = fakes
         self.lat = lat
         self.orchestrator_cores = orchestrator_cores
         self.others_cores = others_cores
@@ -30,12 +40,20 @@ class MeshUnderTest:
 
     def __enter__(self) -> "MeshUnderTest":
         try:
-            env = self.lat.to_env()
-            vad_stt, llm_tts, orch = free_port(), free_port(), free_port()
-            self.procs.serve_fakes("vad,stt", vad_stt, env, self.others_cores)
-            self.procs.serve_fakes("llm,tts", llm_tts, env, self.others_cores)
-            addrs = {"VOICEMESH_VAD_ADDR": f"127.0.0.1:{vad_stt}", "VOICEMESH_STT_ADDR": f"127.0.0.1:{vad_stt}",
-                     "VOICEMESH_LLM_ADDR": f"127.0.0.1:{llm_tts}", "VOICEMESH_TTS_ADDR": f"127.0.0.1:{llm_tts}"}
+            if self.fakes == "providers":
+                from voicemesh.runtime.fakes import FakeScript
+
+                script = FakeScript.from_dict(self.lat.fake_script())
+                served = self.procs.serve_provider_fakes(("vad", "stt", "llm", "tts"), script, self.others_cores)
+            else:
+                env = self.lat.to_env()
+                vad_stt, llm_tts = free_port(), free_port()
+                self.procs.serve_wire_fakes("vad,stt", vad_stt, env, self.others_cores)
+                self.procs.serve_wire_fakes("llm,tts", llm_tts, env, self.others_cores)
+                served = {"vad": f"127.0.0.1:{vad_stt}", "stt": f"127.0.0.1:{vad_stt}",
+                          "llm": f"127.0.0.1:{llm_tts}", "tts": f"127.0.0.1:{llm_tts}"}
+            addrs = {f"VOICEMESH_{kind.upper()}_ADDR": address for kind, address in served.items()}
+            orch = free_port()
             self.orchestrator = self.procs.serve_orchestrator(orch, addrs, self.orchestrator_cores)
             self.address = f"127.0.0.1:{orch}"
         except BaseException:
@@ -80,5 +98,6 @@ def _py_spy(pid: int, seconds: float, out: str):
     if spy is None:
         return None
     argv = [str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-            "--format", {".json": "speedscope", ".txt": "raw"}.get(Path(out).suffix, "flamegraph"), "--output", out, "--nonblocking"]
+            "--format", {".json": "speedscope", ".txt": "raw"}.get(Path(out).suffix, "flamegraph"),
+            "--output", out, "--nonblocking"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

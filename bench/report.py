@@ -93,8 +93,10 @@ def write_markdown(results: dict, path: Path) -> None:
     if barge:
         lines += ["", f"Barge-in ({barge['ok_runs']} runs, start_secs {barge['start_secs']}): onset of user speech to "
                   f"bot audio stopped at the client p50 {_fmt(barge['p50'])} ms (last audio and interruption event both in); "
-                  f"last bot audio arrival {_fmt(barge.get('stream_stop_p50'))} ms; interruption event {_fmt(barge['signal_p50'])} ms; "
-                  f"end of the audio already received, for a client that does not flush: {_fmt(barge['audible_without_flush_p50'])} ms."]
+                  f"last bot audio arrival {_fmt(barge.get('stream_stop_p50'))} ms; "
+                  f"interruption event {_fmt(barge['signal_p50'])} ms; "
+                  f"end of the audio already received, for a client that does not flush: "
+                  f"{_fmt(barge['audible_without_flush_p50'])} ms."]
     lines += _contention(results.get("contention"))
     path.write_text("\n".join(lines) + "\n")
 

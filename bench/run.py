@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.mesh_side import MeshUnderTest
+from bench.mesh_side import FAKES, MeshUnderTest
 from bench.procs import ROOT, Procs, free_port, pinned, wait_for_port, wait_serving
 from bench.scenario import Latencies
 from bench.stats import spread
@@ -93,7 +93,7 @@ def stage_overhead(args, lat: Latencies, results: dict) -> None:
     log(f"gRPC round trip between two processes: p50 {results['grpc_round_trip_us']['p50_us']} µs, "
         f"p90 {results['grpc_round_trip_us']['p90_us']} µs")
     mesh, pipecat, pipecat_defaults = {}, {}, {}
-    with MeshUnderTest(lat, "0", "1") as under_test:
+    with MeshUnderTest(lat, "0", "1", fakes=args.fakes) as under_test:
         for n in args.sessions:
             runs = [under_test.run_load(n, _duration(args, n)) for _ in range(args.repeats)]
             mesh[str(n)] = summarise_runs(runs)
@@ -142,7 +142,7 @@ def stage_capacity(args, lat: Latencies, results: dict) -> None:
                                     "session_errors": s["session_errors"], "load_side_lag_p99_ms": s.get("client_lag_p99_ms"),
                                     "pass": verdicts[n]} for n, s in sorted(points.items())}}
 
-    with MeshUnderTest(lat, "0", "1") as under_test:
+    with MeshUnderTest(lat, "0", "1", fakes=args.fakes) as under_test:
         results["orchestrator_capacity"] = search(
             "mesh", lambda n: summarise_runs([under_test.run_load(n, _duration(args, n, args.capacity_duration))]),
             results.get("mesh_added_latency_ms", {}))
@@ -152,7 +152,8 @@ def stage_capacity(args, lat: Latencies, results: dict) -> None:
         results[f"pipecat_{mode}_capacity"] = search(
             f"pipecat-{mode}", lambda n, mode=mode: summarise_runs(
                 [pipecat_run(n, _duration(args, n, args.capacity_duration), mode, lat, "0")]), known)
-    results["pipecat_sessions_per_core"] = {mode: results[f"pipecat_{mode}_capacity"]["sessions_per_core"] for mode in (LEAN, DEFAULTS)}
+    results["pipecat_sessions_per_core"] = {mode: results[f"pipecat_{mode}_capacity"]["sessions_per_core"]
+                                            for mode in (LEAN, DEFAULTS)}
 
 
 def stage_vad(args, results: dict) -> None:
@@ -199,7 +200,8 @@ def stage_embedded(args, results: dict) -> None:
         asyncio.run(embedded.voice_to_voice(addr, 1))  # warm caches; not counted
         v2v = asyncio.run(embedded.voice_to_voice(addr, args.v2v_runs))
         v2v["stage_costs_direct"] = asyncio.run(embedded.stage_costs({k: mesh.address(k) for k in ("llm", "tts")}, 5))
-        results["voice_to_voice_ms"] = {"p50": v2v["p50"], "p90": v2v["p90"], "breakdown": _breakdown(v2v, results), "detail": v2v}
+        results["voice_to_voice_ms"] = {"p50": v2v["p50"], "p90": v2v["p90"], "breakdown": _breakdown(v2v, results),
+                                        "detail": v2v}
         log(f"voice-to-voice: p50 {v2v['p50']} ms, p90 {v2v['p90']} ms over {v2v['ok_runs']} turns")
         barge = asyncio.run(embedded.barge_in(addr, args.bargein_runs))
         results["bargein_ms"] = barge
@@ -309,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="how the limited condition holds the services: a cgroup CPU quota (auto: where one can "
                              "be made) or pinning every service thread to cores")
     parser.add_argument("--contention-cpus", type=float, default=1.0, help="CPUs the limited condition allows the services")
+    parser.add_argument("--fakes", choices=FAKES, default="wire",
+                        help="the services behind the orchestrator in the overhead and capacity stages: bench/fakes.py "
+                             "(wire, the default: no servicer cost in the figures) or the real services with "
+                             "--provider fake (providers)")
     parser.add_argument("--skip", default="", help="comma-separated stages: overhead,capacity,vad,embedded,contention")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -317,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: dict = {"machine": machine(), "latencies_of_fakes": {**lat.__dict__, "total_ms": lat.fakes_total_ms},
                      "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    for name, stage in (("overhead", lambda: stage_overhead(args, lat, results)), ("capacity", lambda: stage_capacity(args, lat, results)),
+    for name, stage in (("overhead", lambda: stage_overhead(args, lat, results)),
+                        ("capacity", lambda: stage_capacity(args, lat, results)),
                         ("vad", lambda: stage_vad(args, results)), ("embedded", lambda: stage_embedded(args, results)),
                         ("contention", lambda: stage_contention(args, results))):
         if name in skip:

@@ -47,11 +47,25 @@ class Latencies:
     def to_env(self) -> dict[str, str]:
         return {"BENCH_LATENCIES": json.dumps(asdict(self))}
 
+    def fake_script(self) -> dict:
+        """These latencies as the script of the `fake` providers (voicemesh.runtime.fakes.FakeScript
+        fields): the same behaviour as bench/fakes.py, behind the real servicers."""
+        return {
+            "speech_rms": SPEECH_RMS, "words_per_second": 0, "fallback": TRANSCRIPT, "stt_final_ms": self.stt_final_ms,
+            "reply": " ".join((FIRST_DELTA, *REST_WORDS)), "llm_first_delta_words": len(FIRST_DELTA.split()),
+            "llm_first_token_ms": self.llm_first_token_ms, "llm_token_ms": self.llm_token_ms,
+            "tts_first_audio_ms": self.tts_first_audio_ms, "tts_sentence_ms": self.tts_sentence_ms,
+            "tts_chunk_ms": self.tts_chunk_ms, "tone_amplitude": BOT_TONE_AMPLITUDE,
+        }
+
     @classmethod
     def from_env(cls) -> "Latencies":
         raw = os.environ.get("BENCH_LATENCIES")
         return cls(**json.loads(raw)) if raw else cls()
 
+
+TRANSCRIPT = "what is the capital of france"  # every final the fake STTs give
+BOT_TONE_AMPLITUDE = 3000
 
 # The reply: the first delta is the whole first sentence plus the next word, so a sentence
 # splitter that looks one character ahead (both sides do) releases it at once; the rest
@@ -95,4 +109,4 @@ def is_speech(samples: np.ndarray) -> bool:
 def tone_audio(ms: float, rate: int = OUT_RATE_HZ) -> bytes:
     """Bot audio: a quiet 440 Hz tone, PCM16."""
     t = np.arange(int(rate * ms / 1000)) / rate
-    return (3000 * np.sin(2 * np.pi * 440 * t)).astype("<i2").tobytes()
+    return (BOT_TONE_AMPLITUDE * np.sin(2 * np.pi * 440 * t)).astype("<i2").tobytes()

@@ -32,7 +32,8 @@ def probe(batches=(1, 8, 32, 64, 128, 256), seconds: float = 1.0) -> dict:
             calls += 1
         per_window_us = (time.perf_counter() - start) / (calls * batch) * 1e6
         # One stream needs 1000/32 windows per second: streams one core can serve at 100 %.
-        result[batch] = {"us_per_window": round(per_window_us, 2), "streams_per_core_at_100pct": int(1e6 / (per_window_us * 31.25))}
+        result[batch] = {"us_per_window": round(per_window_us, 2),
+                         "streams_per_core_at_100pct": int(1e6 / (per_window_us * 31.25))}
     return result
 
 

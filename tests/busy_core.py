@@ -64,7 +64,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="how many pytest runs in a row (default 5)")
     parser.add_argument("--cpu", type=int, default=None, help="pin the busy loop to this CPU (default: let the kernel place it)")
-    parser.add_argument("--log-dir", type=Path, default=None, help="where each run's output goes (default test-artifacts/busy-core/<time>)")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="where each run's output goes (default test-artifacts/busy-core/<time>)")
     parser.add_argument("--stop-on-failure", action="store_true", help="stop after the first failed run")
     parser.add_argument("pytest_args", nargs="*", help="arguments for pytest (after --)")
     args = parser.parse_args()

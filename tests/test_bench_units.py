@@ -70,7 +70,7 @@ def test_a_session_that_failed_counts_as_an_error_not_as_missed_turns():
 
 
 def test_round_trip_probe_echoes_over_loopback(tmp_path):
-    from conftest import Processes, free_port
+    from support import Processes, free_port
     from voicemesh.cli.mesh import wait_for_port
 
     procs = Processes(tmp_path)

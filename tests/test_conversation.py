@@ -7,7 +7,7 @@ import asyncio
 
 import numpy as np
 
-from converse_probe import PCM16_16K, ConverseProbe, event_is, silence, tone
+from support import PCM16_16K, ConverseProbe, event_is, silence, tone
 from voicemesh.v1 import llm_pb2, orchestrator_pb2 as pb
 
 Speaking = pb.SpeakingEvent
@@ -67,8 +67,10 @@ async def test_parallel_tool_calls_round_trip(fake_mesh):
         calls = {c.arguments_json: c.id for c in probe.of("tool_call")}
         assert set(calls) == {'{"city": "Paris"}', '{"city": "London"}'}
         # Answer in the reverse order: results still reach the LLM in call order.
-        await probe.send(pb.ConverseRequest(tool_result=pb.ToolCallResult(tool_call_id=calls['{"city": "London"}'], content="rainy")))
-        await probe.send(pb.ConverseRequest(tool_result=pb.ToolCallResult(tool_call_id=calls['{"city": "Paris"}'], content="sunny")))
+        await probe.send(pb.ConverseRequest(
+            tool_result=pb.ToolCallResult(tool_call_id=calls['{"city": "London"}'], content="rainy")))
+        await probe.send(pb.ConverseRequest(
+            tool_result=pb.ToolCallResult(tool_call_id=calls['{"city": "Paris"}'], content="sunny")))
         await probe.wait_for(event_is("turn_ended", turn_number=1))
         assert [t.text for t in probe.of("bot_text")] == ["The tools said: sunny and rainy."]
 
@@ -200,7 +202,8 @@ async def test_say_append_and_replace_context(fake_mesh):
         await probe.wait_for(event_is("turn_ended", turn_number=1))
         assert probe.of("bot_text")[-1].text == "One moment please."
         messages = [llm_pb2.ChatMessage(role="user", content="tell me about cats")]
-        await probe.send(pb.ConverseRequest(control=pb.SessionControl(append_context=pb.AppendContext(messages=messages, run_llm=True))))
+        await probe.send(pb.ConverseRequest(
+            control=pb.SessionControl(append_context=pb.AppendContext(messages=messages, run_llm=True))))
         await probe.wait_for(event_is("turn_ended", turn_number=2))
         assert probe.of("bot_text")[-1].text == "You said: tell me about cats."
         await probe.send(pb.ConverseRequest(control=pb.SessionControl(replace_context=pb.ReplaceContext(messages=[]))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from converse_probe import PCM16_16K, ConverseProbe, event_is
+from support import PCM16_16K, ConverseProbe, event_is
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 
@@ -35,13 +35,17 @@ CASES = {
     "first message not config": (
         [_audio(b"\x00\x00" * 320)], grpc.StatusCode.FAILED_PRECONDITION, "first message must be `config`"),
     "unknown encoding": (
-        [_config(input_format=common_pb2.AudioFormat(encoding=7, sample_rate_hz=16000))], grpc.StatusCode.INVALID_ARGUMENT, "unsupported encoding"),
+        [_config(input_format=common_pb2.AudioFormat(encoding=7, sample_rate_hz=16000))],
+        grpc.StatusCode.INVALID_ARGUMENT, "unsupported encoding"),
     "unspecified encoding": (
-        [_config(input_format=common_pb2.AudioFormat(sample_rate_hz=16000))], grpc.StatusCode.INVALID_ARGUMENT, "unsupported encoding"),
+        [_config(input_format=common_pb2.AudioFormat(sample_rate_hz=16000))],
+        grpc.StatusCode.INVALID_ARGUMENT, "unsupported encoding"),
     "sample rate too low": (
-        [_config(input_format=common_pb2.AudioFormat(encoding=1, sample_rate_hz=4000))], grpc.StatusCode.INVALID_ARGUMENT, "outside 8000-48000"),
+        [_config(input_format=common_pb2.AudioFormat(encoding=1, sample_rate_hz=4000))],
+        grpc.StatusCode.INVALID_ARGUMENT, "outside 8000-48000"),
     "sample rate too high": (
-        [_config(output_format=common_pb2.AudioFormat(encoding=1, sample_rate_hz=96000))], grpc.StatusCode.INVALID_ARGUMENT, "outside 8000-48000"),
+        [_config(output_format=common_pb2.AudioFormat(encoding=1, sample_rate_hz=96000))],
+        grpc.StatusCode.INVALID_ARGUMENT, "outside 8000-48000"),
     "empty audio": (
         [_config(input_format=PCM16_16K), _audio(b"")], grpc.StatusCode.INVALID_ARGUMENT, "empty audio chunk"),
     "odd-length pcm16": (
@@ -49,11 +53,14 @@ CASES = {
     "chunk longer than a second": (
         [_config(input_format=PCM16_16K), _audio(b"\x00\x00" * 20000)], grpc.StatusCode.INVALID_ARGUMENT, "longer than 1 s"),
     "message over the transport limit": (
-        [_config(input_format=PCM16_16K), _audio(b"\x00\x00" * (3 << 20))], grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        [_config(input_format=PCM16_16K), _audio(b"\x00\x00" * (3 << 20))],
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
     "unknown dtmf digit": (
-        [_config(input_format=PCM16_16K), pb.ConverseRequest(dtmf=pb.DtmfInput(digit="x"))], grpc.StatusCode.INVALID_ARGUMENT, "dtmf digit"),
+        [_config(input_format=PCM16_16K), pb.ConverseRequest(dtmf=pb.DtmfInput(digit="x"))],
+        grpc.StatusCode.INVALID_ARGUMENT, "dtmf digit"),
     "config twice": (
-        [_config(input_format=PCM16_16K), _config(input_format=PCM16_16K)], grpc.StatusCode.INVALID_ARGUMENT, "may only be sent once"),
+        [_config(input_format=PCM16_16K), _config(input_format=PCM16_16K)],
+        grpc.StatusCode.INVALID_ARGUMENT, "may only be sent once"),
     "audio after end": (
         # A turn is in progress, so the session is still ending when the audio arrives.
         [_config(input_format=PCM16_16K), pb.ConverseRequest(text=pb.TextInput(text="hi")),

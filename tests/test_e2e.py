@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, ROOT, utterances
-from converse_probe import ConverseProbe, event_is
+from support import ConverseProbe, event_is
 from voicemesh.v1 import orchestrator_pb2 as pb
 
 pytestmark = [pytest.mark.e2e, pytest.mark.models]

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import Processes, free_port, wait_for_port, wait_serving
+from support import Processes, free_port, wait_for_port, wait_serving
 from voicemesh.v1 import common_pb2, vad_pb2, vad_pb2_grpc
 
 PCM16_16K = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000, channels=1)

@@ -1,4 +1,4 @@
-"""The orchestrator, as a separate process, in front of scripted fake services.
+"""The orchestrator, as a separate process, in front of the real services with their fake providers.
 
 Asserts exact event sequences (order and content, never speed).
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converse_probe import PCM16_16K, ConverseProbe, event_is, silence, tone
+from support import PCM16_16K, ConverseProbe, event_is, silence, tone
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb
 
 Speaking = pb.SpeakingEvent
@@ -31,7 +31,7 @@ async def test_text_turn_event_sequence(fake_mesh):
         ]
         assert [t.text for t in probe.of("bot_text")] == ["You said: hello there."]
         assert probe.of("session_ended")[0].reason == pb.SessionEnded.REASON_ENDED
-        # The fake TTS makes MS_PER_CHAR (20) ms of audio per character of the sentence.
+        # The fake TTS makes ms_per_char (20) ms of audio per character of the sentence.
         audio_seconds = len(probe.audio_bytes()) / (24000 * 2)
         assert audio_seconds == pytest.approx(len("You said: hello there.") * 0.020, abs=0.05)
         assert probe.of("turn_ended")[0].interrupted is False
@@ -39,7 +39,8 @@ async def test_text_turn_event_sequence(fake_mesh):
 
 async def test_spoken_turn_event_sequence(fake_mesh):
     async with ConverseProbe(fake_mesh, pb.SessionConfig(input_format=PCM16_16K, interim_transcripts=True)) as probe:
-        await probe.send_audio(np.concatenate((silence(0.3), tone(0.6), silence(1.0))))
+        # 32 ms steps: the fake VAD scores 32 ms windows (as Silero does), the segmenter decides.
+        await probe.send_audio(np.concatenate((silence(0.32), tone(0.64), silence(1.0))))
         await probe.wait_for(event_is("turn_ended", turn_number=1))
         kinds = probe.kinds()
         # Interims come every 200 ms of audio, from the user's first words until the final.
@@ -49,7 +50,7 @@ async def test_spoken_turn_event_sequence(fake_mesh):
         first_interim = kinds.index("user_transcript:interim")
         assert kinds.index("speaking:USER_STARTED") < first_interim < kinds.index("speaking:USER_STOPPED")
         started, stopped = [s for s in probe.of("speaking") if s.kind in (Speaking.KIND_USER_STARTED, Speaking.KIND_USER_STOPPED)]
-        assert started.offset_ms == 300 and stopped.offset_ms == 900  # where the tone begins and ends
+        assert started.offset_ms == 320 and stopped.offset_ms == 960  # where the tone begins and ends
         final = probe.of("user_transcript")[-1]
         assert final.is_final and final.text
         assert probe.of("bot_text")[0].text == f"You said: {final.text}."

@@ -190,7 +190,8 @@ def test_a_service_environment_holds_only_what_it_needs(service_envs, kind):
     assert {"voicemesh-runtime", "voicemesh-protos", f"voicemesh-{kind}"} <= installed
     others = {f"voicemesh-{other}" for other in SERVICES if other != kind} | {"voicemesh-client", "voicemesh-cli"}
     assert not others & installed, f"the {kind} environment holds {sorted(others & installed)}"
-    _run([python, "-c", f"import voicemesh.{kind}.service; import voicemesh.v1.{kind if kind != 'transport' else 'transport'}_pb2"])
+    _run([python, "-c",
+          f"import voicemesh.{kind}.service; import voicemesh.v1.{kind if kind != 'transport' else 'transport'}_pb2"])
     listing = _run([python.parent / "voicemesh-serve", "--help"]).stdout
     assert kind in listing  # the service registered itself with the runtime
 

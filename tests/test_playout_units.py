@@ -71,3 +71,24 @@ def test_clear_drops_what_was_not_sent():
     sent, dropped = asyncio.run(scenario())
     assert dropped == 4  # chunk 0 had already left
     assert [(data[0], turn) for data, _, turn in audio_parts(sent)] == [(0, 1), (9, 2)]
+
+
+def test_audio_of_an_interrupted_turn_that_comes_after_the_clear_is_dropped():
+    """The interrupted reply's TTS may deliver one more chunk before its cancellation lands: it
+    must neither play nor start the clock, so the next turn's first audio is still reported."""
+    async def scenario():
+        sent: list = []
+        first_audio: list[int] = []
+        playout = Playout(sent.append, lead_seconds=0.0, on_first_audio=first_audio.append)
+        playout.audio(chunk(0), CHUNK_S, 1)
+        playout.clear(1)
+        playout.audio(chunk(1), CHUNK_S, 1)  # late: after the clear
+        task = asyncio.create_task(playout.run())
+        playout.audio(chunk(9, turn=2), CHUNK_S, 2)
+        await asyncio.wait_for(playout.drained(), DRAIN_S)
+        task.cancel()
+        return sent, first_audio
+
+    sent, first_audio = asyncio.run(scenario())
+    assert [(data[0], turn) for data, _, turn in audio_parts(sent)] == [(0, 1), (9, 2)]
+    assert first_audio == [1, 2]

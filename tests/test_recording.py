@@ -13,6 +13,7 @@ import wave
 import numpy as np
 import pytest
 
+from support import tone
 from voicemesh.orchestrator.recording import RECORDING_DIR_ENV, SessionRecorder
 from voicemesh.runtime.audio import pcm16_to_mulaw
 from voicemesh.runtime.errors import InvalidInput
@@ -24,11 +25,6 @@ PCM24 = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_
 MULAW8 = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000)
 
 
-def tone(hz: float, seconds: float, rate: int, amplitude: int = 8000) -> np.ndarray:
-    t = np.arange(round(seconds * rate)) / rate
-    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.int16)
-
-
 def encode(samples: np.ndarray, fmt: common_pb2.AudioFormat) -> bytes:
     return pcm16_to_mulaw(samples) if fmt.encoding == common_pb2.AUDIO_ENCODING_MULAW else samples.astype("<i2").tobytes()
 
@@ -37,13 +33,13 @@ def synthetic_session(recorder: SessionRecorder, bot_format: common_pb2.AudioFor
     """Caller: 60 ms chunks in real time (tone for 1 s, then silence), arriving 0-9 ms late.
     Bot: a 0.5 s tone whose first 250 ms are sent at once at 1.5 s, the rest paced."""
     events = []
-    user = np.concatenate([tone(440, 1.0, 16000), np.zeros(round((seconds - 1.0) * 16000), np.int16)])
+    user = np.concatenate([tone(1.0, 16000, hz=440), np.zeros(round((seconds - 1.0) * 16000), np.int16)])
     step = 960
     for index in range(len(user) // step):
         arrival = START + (index + 1) * step / 16000 + (index * 7 % 10) / 1000
         events.append((arrival, "user", user[index * step:(index + 1) * step]))
     rate = bot_format.sample_rate_hz
-    bot = tone(1000 if rate > 8000 else 700, 0.5, rate)
+    bot = tone(0.5, rate, hz=1000 if rate > 8000 else 700)
     step = rate * 20 // 1000
     for index in range(len(bot) // step):
         sent = START + 1.5 + max(0.0, index * 0.02 - 0.25)
@@ -110,7 +106,7 @@ def test_bot_audio_never_overwrites_earlier_bot_audio(tmp_path):
     """Bot chunks sent faster than real time play back to back, all of them."""
     path = tmp_path / "burst.wav"
     recorder, _ = recorded(pb.RecordingOptions(wav_path=str(path)), PCM24)
-    beeps = [tone(500 + 100 * index, 0.2, 24000) for index in range(3)]
+    beeps = [tone(0.2, 24000, hz=500 + 100 * index) for index in range(3)]
     for beep in beeps:  # all three sent at once at 0.5 s
         recorder.bot_audio(beep.tobytes(), START + 0.5)
     recorder.close(START + 1.0)
@@ -123,7 +119,7 @@ def test_bot_audio_never_overwrites_earlier_bot_audio(tmp_path):
 def test_text_only_session_streams_silence_and_bot_audio():
     """No caller audio at all (a text chat): the clock alone settles the user channel."""
     recorder, events = recorded(pb.RecordingOptions(stream_audio=True), PCM24)
-    beep = tone(800, 0.5, 24000)
+    beep = tone(0.5, 24000, hz=800)
     for index in range(25):
         recorder.bot_audio(beep[index * 480:(index + 1) * 480].tobytes(), START + 2.0 + index * 0.02)
     for second in range(3, 6):
@@ -142,7 +138,7 @@ def test_text_only_session_streams_silence_and_bot_audio():
 def test_caller_pause_leaves_a_gap_and_jitter_does_not():
     """A caller that stops sending for a second gets silence there; small lateness does not."""
     recorder, events = recorded(pb.RecordingOptions(stream_audio=True), PCM24)
-    chunk = tone(300, 0.06, 16000)
+    chunk = tone(0.06, 16000, hz=300)
     arrivals = [0.06 * (index + 1) + (0.1 if index == 5 else 0.0) for index in range(10)]  # one late chunk
     arrivals += [1.6 + 0.06 * (index + 1) for index in range(10)]  # resumes at 1.6 s
     for arrival in arrivals:
@@ -183,7 +179,7 @@ def test_transcript_entries_are_sent_in_order_with_utc_timestamps():
 def test_transcript_off_keeps_entries_but_sends_nothing():
     recorder, events = recorded(pb.RecordingOptions())
     recorder.entry("user", "hello")
-    recorder.user_audio(tone(300, 0.5, 16000), START + 0.5)  # nothing asked for: ignored
+    recorder.user_audio(tone(0.5, 16000, hz=300), START + 0.5)  # nothing asked for: ignored
     recorder.close(START + 1.0)
     assert [e.text for e in recorder.entries] == ["hello"] and events == []
     with pytest.raises(ValueError):
@@ -248,8 +244,8 @@ def test_write_failure_stops_recording_but_not_the_session(tmp_path):
         raise OSError(28, "No space left on device")
 
     recorder._wav.writeframes = disk_full
-    recorder.user_audio(tone(300, 0.5, 16000), START + 0.5)
-    recorder.bot_audio(tone(300, 0.5, 24000).tobytes(), START + 0.6)
+    recorder.user_audio(tone(0.5, 16000, hz=300), START + 0.5)
+    recorder.bot_audio(tone(0.5, 24000, hz=300).tobytes(), START + 0.6)
     recorder.close(START + 1.5)
     errors = [event.error for event in events if event.WhichOneof("event") == "error"]
     assert len(errors) == 1 and not errors[0].fatal and "No space left" in errors[0].message

@@ -1,12 +1,14 @@
-"""Bad input to each real service ends that stream with a clear status; the service keeps serving."""
+"""Bad input to each real service ends that stream with a clear status; the service keeps serving.
+Each case runs against the embedded models and against the same servicers in front of their
+fake providers (`--provider fake`): validation is the servicer's, whatever the provider."""
 from __future__ import annotations
 
 import grpc
 import pytest
 
+from support import BACKENDS, FakeScript, Processes, fake_mesh
 from voicemesh.v1 import common_pb2, llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc, vad_pb2, vad_pb2_grpc
 
-pytestmark = [pytest.mark.e2e, pytest.mark.models]
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 PCM16_16K = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000, channels=1)
 
@@ -30,19 +32,34 @@ def _fmt(encoding=1, rate=16000):
 
 AUDIO_CASES = {
     "closed before any message": (lambda R, C: [], PRECONDITION, "closed before its first message (config)"),
-    "first message not config": (lambda R, C: [R(audio=_audio(b"\x00\x00" * 160))], PRECONDITION, "first message must be `config`"),
+    "first message not config": (lambda R, C: [R(audio=_audio(b"\x00\x00" * 160))], PRECONDITION,
+                                 "first message must be `config`"),
     "unknown encoding": (lambda R, C: [R(config=C(format=_fmt(encoding=9)))], INVALID, "unsupported encoding"),
     "sample rate outside 8-48 kHz": (lambda R, C: [R(config=C(format=_fmt(rate=96000)))], INVALID, "outside 8000-48000"),
     "empty pcm": (lambda R, C: [R(config=C(format=PCM16_16K)), R(audio=_audio(b""))], INVALID, "empty audio chunk"),
     "odd-length pcm16": (lambda R, C: [R(config=C(format=PCM16_16K)), R(audio=_audio(b"\x00" * 321))], INVALID, "whole number"),
-    "oversized chunk": (lambda R, C: [R(config=C(format=PCM16_16K)), R(audio=_audio(b"\x00\x00" * 17000))], INVALID, "longer than 1 s"),
-    "over the transport limit": (lambda R, C: [R(config=C(format=PCM16_16K)), R(audio=_audio(b"\x00" * (5 << 20)))], grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+    "oversized chunk": (lambda R, C: [R(config=C(format=PCM16_16K)), R(audio=_audio(b"\x00\x00" * 17000))], INVALID,
+                        "longer than 1 s"),
+    "over the transport limit": (lambda R, C: [R(config=C(format=PCM16_16K)), R(audio=_audio(b"\x00" * (5 << 20)))],
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
 }
 
 
 @pytest.fixture(scope="module")
-def channels(real_mesh):
-    opened = {kind: grpc.insecure_channel(real_mesh.address(kind), options=[("grpc.max_send_message_length", 64 << 20)]) for kind in ("vad", "stt", "llm", "tts")}
+def fake_services(tmp_path_factory):
+    """The four servicers in front of their fake providers, no orchestrator."""
+    procs = Processes(tmp_path_factory.mktemp("fake-services"))
+    try:
+        yield fake_mesh(procs, FakeScript(), services=BACKENDS)
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module", params=[pytest.param("models", marks=[pytest.mark.e2e, pytest.mark.models]), "fake"])
+def channels(request):
+    mesh = request.getfixturevalue("real_mesh" if request.param == "models" else "fake_services")
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    opened = {kind: grpc.insecure_channel(mesh.address(kind), options=options) for kind in BACKENDS}
     yield opened
     for channel in opened.values():
         channel.close()
@@ -68,11 +85,15 @@ def test_audio_services_reject_bad_input(channels, kind, case):
 
 TTS_CASES = {
     "closed before any message": ([], PRECONDITION, "closed before its first message (config)"),
-    "first message not config": ([tts_pb2.SynthesizeRequest(text=tts_pb2.TextPiece(text="hi"))], PRECONDITION, "first message must be `config`"),
-    "unknown voice": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice="nobody", format=PCM16_16K))], INVALID, "unknown voice"),
+    "first message not config": ([tts_pb2.SynthesizeRequest(text=tts_pb2.TextPiece(text="hi"))], PRECONDITION,
+                                 "first message must be `config`"),
+    "unknown voice": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice="nobody", format=PCM16_16K))], INVALID,
+                      "unknown voice"),
     "speed out of range": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(speed=5, format=PCM16_16K))], INVALID, "speed"),
-    "unknown encoding": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(format=_fmt(encoding=5)))], INVALID, "unsupported encoding"),
-    "sample rate outside 8-48 kHz": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(format=_fmt(rate=4000)))], INVALID, "outside 8000-48000"),
+    "unknown encoding": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(format=_fmt(encoding=5)))], INVALID,
+                         "unsupported encoding"),
+    "sample rate outside 8-48 kHz": ([tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(format=_fmt(rate=4000)))], INVALID,
+                                     "outside 8000-48000"),
 }
 
 
@@ -95,11 +116,14 @@ def _chat(*messages, tools=()):
 
 LLM_CASES = {
     "closed before any message": ([], PRECONDITION, "closed before its first message (chat)"),
-    "first message not chat": ([llm_pb2.GenerateRequest(tool_result=llm_pb2.ToolResult(tool_call_id="x"))], PRECONDITION, "first message must be `chat`"),
+    "first message not chat": ([llm_pb2.GenerateRequest(tool_result=llm_pb2.ToolResult(tool_call_id="x"))], PRECONDITION,
+                               "first message must be `chat`"),
     "no messages": ([_chat()], INVALID, "messages is empty"),
     "unknown role": ([_chat(llm_pb2.ChatMessage(role="robot", content="hi"))], INVALID, "is not one of"),
-    "tool schema not JSON": ([_chat(llm_pb2.ChatMessage(role="user", content="hi"), tools=[llm_pb2.Tool(name="f", parameters_json="{oops")])], INVALID, "not valid JSON"),
-    "bad tool name": ([_chat(llm_pb2.ChatMessage(role="user", content="hi"), tools=[llm_pb2.Tool(name="no spaces", parameters_json="{}")])], INVALID, "tool name"),
+    "tool schema not JSON": ([_chat(llm_pb2.ChatMessage(role="user", content="hi"),
+                                    tools=[llm_pb2.Tool(name="f", parameters_json="{oops")])], INVALID, "not valid JSON"),
+    "bad tool name": ([_chat(llm_pb2.ChatMessage(role="user", content="hi"),
+                             tools=[llm_pb2.Tool(name="no spaces", parameters_json="{}")])], INVALID, "tool name"),
 }
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import FIXTURES, utterances
-from converse_probe import ConverseProbe, event_is
+from support import ConverseProbe, event_is
 from otlp_receiver import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.models]
@@ -141,7 +141,8 @@ def test_service_span_attributes(traced):
     assert any("capital" in s.attributes["transcript"].lower() for s in stt)
     assert all(s.attributes["is_final"] is True and s.attributes["language"] and "metrics.ttfb" in s.attributes for s in stt)
     tts = [s for s in spans if s.name == "tts" and not s.attributes.get("cancelled")]
-    assert tts and all({"voice_id", "text", "metrics.character_count", "metrics.ttfb", "interrupted"} <= s.attributes.keys() for s in tts)
+    tts_keys = {"voice_id", "text", "metrics.character_count", "metrics.ttfb", "interrupted"}
+    assert tts and all(tts_keys <= s.attributes.keys() for s in tts)
     assert any(s.attributes["interrupted"] is False and s.attributes["metrics.character_count"] > 0 for s in tts)
 
 

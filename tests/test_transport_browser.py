@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import soxr
 
-from conftest import FIXTURES, ROOT, START_S, Processes
+from conftest import FIXTURES
+from support import ROOT, START_S, Processes
 from transport_harness import start_transport
 
 pytestmark = [pytest.mark.e2e, pytest.mark.models]

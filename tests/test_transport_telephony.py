@@ -1,4 +1,4 @@
-"""Twilio and Telnyx media streams through the real transport, orchestrator and scripted fakes.
+"""Twilio and Telnyx media streams through the real transport, orchestrator and fake services.
 
 The fake STT hears "tell me a long story" for each call's first utterance, so the bot talks
 long enough to be interrupted.
@@ -9,24 +9,20 @@ import asyncio
 import base64
 import json
 import signal
-import sys
 import time
 
 import numpy as np
 import pytest
 from aiohttp import web
 
-from conftest import START_S, Processes, free_port, wait_for_port, wait_serving
-from converse_probe import silence, tone
+from support import BACKENDS, START_S, FakeScript, Processes, backend_env, fake_mesh, free_port, silence, tone, wait_serving
 from transport_harness import WAIT_S, is_type, send_paced, split, start_transport, ws_session
 from voicemesh.runtime.audio import mulaw_to_pcm16, pcm16_to_mulaw
 
 
-def _serve_orchestrator(procs: Processes, fakes_addr: str, name: str = "orchestrator", grace: str = "10") -> str:
+def _serve_orchestrator(procs: Processes, backends: dict[str, str], name: str = "orchestrator", grace: str = "10") -> str:
     port = free_port()
-    env = {f"VOICEMESH_{kind}_ADDR": fakes_addr for kind in ("VAD", "STT", "LLM", "TTS")}
-    proc = procs.start(name, [sys.executable, "-m", "voicemesh.runtime.serve", "orchestrator", "--host", "127.0.0.1",
-                              "--port", str(port), "--grace-seconds", grace], env)
+    proc = procs.serve("orchestrator", port, backends, ["--grace-seconds", grace], name=name)
     wait_serving(f"127.0.0.1:{port}", proc, timeout=START_S)
     return f"127.0.0.1:{port}"
 
@@ -35,22 +31,20 @@ async def _logged(transport, predicate, timeout: float = WAIT_S) -> dict:
     """Until the transport has logged an entry that satisfies `predicate`; returns it."""
     deadline = time.monotonic() + timeout
     while not (found := [e for e in transport.log_entries() if predicate(e)]):
-        assert time.monotonic() < deadline, f"not logged within {timeout:.0f} s; log: {[e.get('msg') for e in transport.log_entries()]}"
+        assert time.monotonic() < deadline, (f"not logged within {timeout:.0f} s; "
+                                             f"log: {[e.get('msg') for e in transport.log_entries()]}")
         await asyncio.sleep(0.05)
     return found[0]
 
 
 @pytest.fixture(scope="module")
 def phone_mesh(tmp_path_factory):
-    """Fakes (long replies) + orchestrator + transport; yields (procs, fakes address, transport)."""
+    """Fake services (long replies) + orchestrator + transport; yields (procs, the backends' env, transport)."""
     procs = Processes(tmp_path_factory.mktemp("transport-phone"))
     try:
-        fake_port = free_port()
-        fakes = procs.start("fakes", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(fake_port)],
-                            env={"FAKE_TRANSCRIPTS": "tell me a long story"})
-        wait_for_port(fake_port, fakes, timeout=START_S)
-        orchestrator = _serve_orchestrator(procs, f"127.0.0.1:{fake_port}")
-        yield procs, f"127.0.0.1:{fake_port}", start_transport(procs, orchestrator)
+        backends = backend_env(fake_mesh(procs, FakeScript(transcripts=("tell me a long story",)), services=BACKENDS))
+        orchestrator = _serve_orchestrator(procs, backends)
+        yield procs, backends, start_transport(procs, orchestrator)
     finally:
         procs.stop_all()
 
@@ -63,7 +57,8 @@ def twilio_start(stream: str = "MZ1", call: str = "CA1", encoding: str = "audio/
 
 def twilio_media(frame: bytes, stream: str = "MZ1") -> str:
     return json.dumps({"event": "media", "streamSid": stream,
-                       "media": {"track": "inbound", "chunk": "1", "timestamp": "0", "payload": base64.b64encode(frame).decode()}})
+                       "media": {"track": "inbound", "chunk": "1", "timestamp": "0",
+                                 "payload": base64.b64encode(frame).decode()}})
 
 
 def speech_mulaw(seconds_tone: float = 0.6) -> list[bytes]:
@@ -175,7 +170,7 @@ async def test_telephony_bad_input_closes_only_that_call(phone_mesh, path, messa
 async def test_twilio_hang_up_when_the_session_ends(phone_mesh):
     """The orchestrator ends the session (here: it shuts down); the transport waits for the
     last mark, then hangs the call up through the REST API with the configured credentials."""
-    procs, fakes_addr, _ = phone_mesh
+    procs, backends, _ = phone_mesh
     requests: list[tuple[str, dict, str]] = []
 
     async def calls(request: web.Request) -> web.Response:
@@ -189,7 +184,7 @@ async def test_twilio_hang_up_when_the_session_ends(phone_mesh):
     api_port = free_port()
     await web.TCPSite(runner, "127.0.0.1", api_port).start()
     try:
-        orchestrator = _serve_orchestrator(procs, fakes_addr, name="orchestrator-hangup", grace="1")
+        orchestrator = _serve_orchestrator(procs, backends, name="orchestrator-hangup", grace="1")
         transport = start_transport(procs, orchestrator, name="transport-hangup", env={
             "TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "secret",
             "VOICEMESH_TRANSPORT_TWILIO_API_BASE": f"http://127.0.0.1:{api_port}"})

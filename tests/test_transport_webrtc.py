@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from conftest import Processes
-from converse_probe import silence, tone
+from support import Processes, silence, tone
 from transport_harness import start_transport
 
 

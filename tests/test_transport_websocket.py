@@ -13,8 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import Processes
-from converse_probe import silence, tone
+from support import Processes, silence, tone
 from transport_harness import is_type, send_paced, split, start_transport, ws_session
 from voicemesh.v1 import transport_pb2, transport_pb2_grpc
 

@@ -1,8 +1,8 @@
 """No spoken turn is lost to timing: every turn the user starts ends with a TurnEnded whose
 reason says what became of it, and a late final transcript is still answered.
 
-The scripted STT answers late on demand (sessions named "hold-...": their finals wait until
-the test releases them), so each path below is reached by the order of events, never by a
+The fake STT provider answers late on demand (sessions named "hold-...": their finals wait
+until the test releases them over its control RPC), so each path below is reached by the order of events, never by a
 race against the clock."""
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, Processes, start_fake_mesh
-from converse_probe import PCM16_16K, ConverseProbe, event_is, silence, tone
-from tests.fakes.scripted import release_finals
+from conftest import FIXTURES
+from support import PCM16_16K, ConverseProbe, Processes, event_is, release_finals, silence, start_fake_mesh, tone
 from voicemesh.v1 import orchestrator_pb2 as pb
 
 Ended = pb.TurnEnded
@@ -24,7 +23,7 @@ Speaking = pb.SpeakingEvent
 
 @pytest.fixture(scope="module")
 def late_mesh(tmp_path_factory):
-    """The real orchestrator in front of the scripted fakes; yields (orchestrator, fakes) addresses."""
+    """The real orchestrator in front of the fake services; yields the (orchestrator, STT) addresses."""
     procs = Processes(tmp_path_factory.mktemp("late-mesh"))
     try:
         yield start_fake_mesh(procs, f"{FIRST_WORDS},count messages")

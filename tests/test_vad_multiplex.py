@@ -1,15 +1,15 @@
 """VadService.DetectMany: many sessions' VAD streams over one call.
 
-On the real VAD service (Silero, Smart Turn): each stream gets exactly the events a Detect
-call on the same audio gets, and bad input ends only its own stream, in-band. Through the
-orchestrator (scripted fakes): sessions share the call, a session-per-call setting still
+On the real VAD service (Silero, Smart Turn, and again with the fake provider): each stream
+gets exactly the events a Detect call on the same audio gets, and bad input ends only its own
+stream, in-band. Through the
+orchestrator (the fake services): sessions share the call, a session-per-call setting still
 works, and when the VAD process dies and comes back, the sessions on the call end with a
 VAD error and a later session opens a fresh call.
 """
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +17,10 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import START_S, Processes, free_port
-from converse_probe import PCM16_16K, ConverseProbe, event_is, silence, tone
-from voicemesh.cli.mesh import stop_process, wait_for_port, wait_serving
+from support import (
+    PCM16_16K, START_S, ConverseProbe, FakeScript, Processes, backend_env, event_is, fake_mesh, free_port, silence,
+    stop_process, tone, wait_serving,
+)
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, vad_pb2, vad_pb2_grpc
 from voicemesh.client.wavio import load_for_sending
 
@@ -61,14 +62,24 @@ def _detect_many(stub, streams: dict[int, list[vad_pb2.DetectRequest]], extra_ba
 
 
 @pytest.fixture(scope="module")
-def vad_stub(real_mesh):
-    channel = grpc.insecure_channel(real_mesh.address("vad"))
+def fake_vad(tmp_path_factory):
+    """The real VAD servicer in front of its fake provider."""
+    procs = Processes(tmp_path_factory.mktemp("fake-vad"))
+    try:
+        yield fake_mesh(procs, FakeScript(), services=("vad",), name="fake-vad")
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module", params=[pytest.param("models", marks=[pytest.mark.e2e, pytest.mark.models]), "fake"])
+def vad_stub(request):
+    """The VAD on Silero (and Smart Turn), or the same servicer with the fake provider."""
+    mesh = request.getfixturevalue("real_mesh" if request.param == "models" else "fake_vad")
+    channel = grpc.insecure_channel(mesh.address("vad"))
     yield vad_pb2_grpc.VadServiceStub(channel)
     channel.close()
 
 
-@pytest.mark.e2e
-@pytest.mark.models
 def test_each_stream_gets_what_detect_gets(vad_stub):
     speech = np.concatenate((load_for_sending(FIXTURES / "question_capital.wav"), np.zeros(16000 * 4, np.int16)))
     alone = [_describe(r) for r in vad_stub.Detect(iter([_config(), *_pieces(speech)]), timeout=180)]
@@ -82,8 +93,6 @@ def test_each_stream_gets_what_detect_gets(vad_stub):
     assert events[8] == []
 
 
-@pytest.mark.e2e
-@pytest.mark.models
 def test_bad_input_ends_only_its_own_stream(vad_stub):
     speech = np.concatenate((load_for_sending(FIXTURES / "question_capital.wav"), np.zeros(16000 * 4, np.int16)))
     flood = vad_pb2.DetectManyRequest(messages=[
@@ -122,26 +131,23 @@ def test_bad_input_ends_only_its_own_stream(vad_stub):
 
 
 class _SplitMesh:
-    """Scripted fakes: the VAD in a process of its own (so it can die alone), the rest in another;
-    orchestrators in front with a chosen VOICEMESH_VAD_MULTIPLEX."""
+    """The fake services: the VAD in a process of its own (so it can die alone), the others in a
+    mesh; orchestrators in front with a chosen VOICEMESH_VAD_MULTIPLEX."""
 
     def __init__(self, procs: Processes):
         self.procs = procs
-        self.vad_port, self.others_port = free_port(), free_port()
+        self.vad_port = free_port()
         self.vad = self.start_vad()
-        others = procs.start("fakes-others", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(self.others_port)])
-        wait_for_port(self.others_port, others, timeout=START_S)
+        self.others = backend_env(fake_mesh(procs, FakeScript(), services=("stt", "llm", "tts"), name="fakes-others"))
 
     def start_vad(self):
-        vad = self.procs.start("fakes-vad", [sys.executable, "-m", "tests.fakes.scripted", "--port", str(self.vad_port)])
-        wait_for_port(self.vad_port, vad, timeout=START_S)
+        vad = self.procs.serve_fake("vad", self.vad_port, FakeScript())
+        wait_serving(f"127.0.0.1:{self.vad_port}", vad, timeout=START_S)
         return vad
 
     def orchestrator(self, multiplex: str) -> str:
         port = free_port()
-        others = f"127.0.0.1:{self.others_port}"
-        env = {"VOICEMESH_VAD_ADDR": f"127.0.0.1:{self.vad_port}", "VOICEMESH_STT_ADDR": others,
-               "VOICEMESH_LLM_ADDR": others, "VOICEMESH_TTS_ADDR": others, "VOICEMESH_VAD_MULTIPLEX": multiplex}
+        env = {"VOICEMESH_VAD_ADDR": f"127.0.0.1:{self.vad_port}", **self.others, "VOICEMESH_VAD_MULTIPLEX": multiplex}
         orchestrator = self.procs.serve("orchestrator", port, env)
         wait_serving(f"127.0.0.1:{port}", orchestrator, timeout=START_S)
         return f"127.0.0.1:{port}"
@@ -158,7 +164,8 @@ def split_mesh(tmp_path_factory):
 
 async def _spoken_turn(address: str) -> tuple[int, int]:
     async with ConverseProbe(address, pb.SessionConfig(input_format=PCM16_16K)) as probe:
-        await probe.send_audio(np.concatenate((silence(0.3), tone(0.6), silence(1.0))))
+        # 32 ms steps: the fake VAD scores 32 ms windows (as Silero does), the segmenter decides.
+        await probe.send_audio(np.concatenate((silence(0.32), tone(0.64), silence(1.0))))
         await probe.wait_for(event_is("turn_ended", turn_number=1))
         user = [s.offset_ms for s in probe.of("speaking")
                 if s.kind in (pb.SpeakingEvent.KIND_USER_STARTED, pb.SpeakingEvent.KIND_USER_STOPPED)]
@@ -169,12 +176,12 @@ async def _spoken_turn(address: str) -> tuple[int, int]:
 async def test_concurrent_sessions_each_get_their_own_events(split_mesh, multiplex):
     address = split_mesh.orchestrator(multiplex)
     results = await asyncio.gather(*(_spoken_turn(address) for _ in range(4)))
-    assert results == [(300, 900)] * 4  # where each session's tone begins and ends
+    assert results == [(320, 960)] * 4  # where each session's tone begins and ends
 
 
 async def test_vad_death_ends_its_sessions_and_a_later_session_reconnects(split_mesh):
     address = split_mesh.orchestrator("1")
-    assert await _spoken_turn(address) == (300, 900)  # the call is open
+    assert await _spoken_turn(address) == (320, 960)  # the call is open
     async with ConverseProbe(address, pb.SessionConfig(input_format=PCM16_16K)) as probe:
         await probe.wait_for(lambda e: e.HasField("session_started"))
         stop_process(split_mesh.vad)  # the session learns it from the call, without sending anything
@@ -188,7 +195,7 @@ async def test_vad_death_ends_its_sessions_and_a_later_session_reconnects(split_
     deadline = time.monotonic() + START_S
     while True:
         try:
-            assert await _spoken_turn(address) == (300, 900)
+            assert await _spoken_turn(address) == (320, 960)
             break
         except (AssertionError, asyncio.TimeoutError):
             if time.monotonic() > deadline:

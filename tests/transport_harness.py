@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from conftest import START_S, Processes, free_port, wait_for_port, wait_serving
+from support import START_S, Processes, free_port, wait_for_port, wait_serving
 
 WAIT_S = 60.0  # default deadline of a wait: it returns as soon as the event comes; never a speed claim
 

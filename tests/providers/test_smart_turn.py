@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from faster_whisper.feature_extractor import FeatureExtractor
 
-from tests.conftest import FIXTURES, START_S, Processes, free_port, wait_serving
+from conftest import FIXTURES
+from support import START_S, Processes, free_port, wait_serving
 from voicemesh.v1 import common_pb2, vad_pb2, vad_pb2_grpc
 from voicemesh.vad import smart_turn
 from voicemesh.vad.segmenter import EventKind, SegmenterParams, SpeechSegmenter

@@ -10,9 +10,9 @@ import asyncio
 import threading
 
 import grpc
-import numpy as np
 import pytest
 
+from support import tone
 from voicemesh.runtime.config import ServeSettings
 from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.runtime.streams import with_reader
@@ -202,8 +202,7 @@ def whisper():
 
 def speech(ms: int) -> bytes:
     """Loud PCM16 at 16 kHz (a 440 Hz tone): never quiet to the pause detector."""
-    t = np.arange(ms * 16) / 16000
-    return (8000 * np.sin(2 * np.pi * 440 * t)).astype("<i2").tobytes()
+    return tone(ms / 1000, hz=440).astype("<i2").tobytes()
 
 
 def silence(ms: int) -> bytes:

@@ -31,7 +31,8 @@ class ConversationContext:
 
     def add_assistant(self, spoken: str, interrupted: bool = False) -> None:
         if spoken or interrupted:
-            self.messages.append(llm_pb2.ChatMessage(role="assistant", content=spoken + (INTERRUPTED_MARK if interrupted else "")))
+            content = spoken + (INTERRUPTED_MARK if interrupted else "")
+            self.messages.append(llm_pb2.ChatMessage(role="assistant", content=content))
 
     def add_tool_calls(self, calls: list[llm_pb2.ToolCall], text: str = "") -> None:
         """The assistant asked for tools: record the calls with an IN_PROGRESS result each."""

@@ -32,7 +32,9 @@ class _Marker:
 
 
 class Playout:
-    def __init__(self, send: Callable[[pb.ConverseResponse], None], lead_seconds: float = 0.25):
+    def __init__(self, send: Callable[[pb.ConverseResponse], None], lead_seconds: float = 0.25,
+                 on_first_audio: Callable[[int], None] = lambda turn_number: None):
+        """`on_first_audio(turn_number)`: a reply's first audio is about to leave (bot started speaking)."""
         self._send = send
         self._lead = lead_seconds
         self._items: deque[_Audio | _Marker] = deque()
@@ -42,9 +44,14 @@ class Playout:
         self._generation = 0  # bumped by clear(), so a chunk caught mid-wait is dropped too
         self._waiting = False  # run() holds a chunk until its time comes
         self._seq_turn, self._seq = 0, 0  # BotAudio chunks are numbered per turn, as sent
-        self.on_first_audio: Callable[[int], None] = lambda turn_number: None
+        self._cleared_turn = 0  # audio of this turn and earlier ones is dropped (they were interrupted)
+        self.on_first_audio = on_first_audio
 
     def audio(self, message: pb.ConverseResponse, seconds: float, turn_number: int) -> None:
+        if turn_number <= self._cleared_turn:
+            # An interrupted reply's TTS chunk that arrived before its cancellation took effect:
+            # sending it would leak audio and start the clock, hiding the next turn's first audio.
+            return
         item = _Audio(message, seconds, turn_number)
         # Nothing queued and within the lead (always true of a reply's first chunk): send it
         # now rather than through run()'s task, one event-loop hop sooner.
@@ -60,8 +67,10 @@ class Playout:
         self._items.append(item)
         self._wake.set()
 
-    def clear(self) -> int:
-        """Drop everything not yet sent (barge-in). Returns how many audio chunks were dropped."""
+    def clear(self, turn_number: int = 0) -> int:
+        """Drop everything not yet sent (barge-in), and any audio of `turn_number` or an earlier
+        turn that comes later. Returns how many audio chunks were dropped."""
+        self._cleared_turn = max(self._cleared_turn, turn_number)
         dropped = sum(isinstance(item, _Audio) for item in self._items)
         self._items.clear()
         self._clock_start = None
@@ -135,7 +144,8 @@ class Playout:
 
 class HeldPlayout:
     """Stands in front of a Playout for a speculative reply: holds its audio and markers
-    until `release()`, then forwards everything at once and passes new items straight on."""
+    until `release()`, then forwards everything at once and passes new items straight on.
+    Both are a seams.ReplySink; this one is also a seams.HeldSink."""
 
     def __init__(self, playout: Playout):
         self._playout = playout

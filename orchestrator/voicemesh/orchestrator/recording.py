@@ -35,6 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import soxr
 
+from voicemesh.orchestrator import events
 from voicemesh.runtime.audio import MAX_CHUNK_SECONDS, MAX_RATE_HZ, MIN_RATE_HZ, MULAW, mulaw_to_pcm16, validate_format
 from voicemesh.runtime.errors import InvalidInput
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb
@@ -175,7 +176,8 @@ class SessionRecorder:
             try:
                 self._file = open(self.wav_path, "xb")  # x: never follow or replace an existing file
             except OSError as err:
-                raise InvalidInput(f"Converse: recording.wav_path {options.wav_path!r} cannot be created: {err.strerror}") from None
+                raise InvalidInput(
+                    f"Converse: recording.wav_path {options.wav_path!r} cannot be created: {err.strerror}") from None
             self._wav = wave.open(self._file, "wb")
             self._wav.setnchannels(2)
             self._wav.setsampwidth(2)
@@ -217,8 +219,18 @@ class SessionRecorder:
         item = pb.TranscriptEntry(role=role, text=text, timestamp=utc_timestamp(), interrupted=interrupted)
         self.entries.append(item)
         if self.transcript_on:
-            self._emit(pb.ConverseResponse(transcript=item))
+            self._emit(events.transcript_entry(item))
         return item
+
+    # As a seams.TurnObserver: the transcript holds what joined the context.
+    def turn_opened(self, turn) -> None:
+        pass
+
+    def turn_finished(self, turn) -> None:
+        pass
+
+    def said(self, role: str, text: str, interrupted: bool) -> None:
+        self.entry(role, text, interrupted=interrupted)
 
     def close(self, now_monotonic: float | None = None) -> None:
         """End the recording at the clock's `now` (or later, if audio reached further): streams
@@ -257,7 +269,7 @@ class SessionRecorder:
                 self._write(data)
             if self.stream_on:
                 chunk = common_pb2.AudioChunk(data=data, seq=self._seq, offset_ms=offset_ms)
-                self._emit(pb.ConverseResponse(recording=pb.RecordingAudio(chunk=chunk)))
+                self._emit(events.recording_audio(chunk))
                 self._seq += 1
 
     def _write(self, data: bytes) -> None:
@@ -267,8 +279,7 @@ class SessionRecorder:
             self._wav.writeframes(data)
         except OSError as err:  # disk full or gone: stop recording, keep the conversation
             log.warning("recording to %s stopped: %s", self.wav_path, err)
-            self._emit(pb.ConverseResponse(error=common_pb2.Error(
-                code="INTERNAL", message=f"recording to wav_path stopped: {err.strerror}", fatal=False, source="orchestrator")))
+            self._emit(events.error("INTERNAL", f"recording to wav_path stopped: {err.strerror}", "orchestrator"))
             self._close_wav()
 
     def _close_wav(self) -> None:

@@ -8,51 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from voicemesh.orchestrator import events
 from voicemesh.orchestrator.clients import ServiceClients
-from voicemesh.orchestrator.playout import Playout
+from voicemesh.orchestrator.context import ConversationContext
+from voicemesh.orchestrator.seams import EventSink, HeldSink, ReplySink
+from voicemesh.orchestrator.tools import ToolBroker
 from voicemesh.orchestrator.tracing import metrics
+from voicemesh.orchestrator.turn_events import Turn
 from voicemesh.runtime import telemetry
 from voicemesh.runtime.sentences import SentenceAggregator
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, tts_pb2
-
-
-@dataclass
-class Turn:
-    """Everything the session tracks about one turn."""
-
-    number: int
-    turn_id: str
-    started_at: float = field(default_factory=time.monotonic)
-    user_text: str = ""
-    user_end_at: float | None = None  # wall time the end of user speech reached us
-    first_audio_at: float | None = None
-    spoken: list[str] = field(default_factory=list)  # bot text actually sent to the caller
-    replying: bool = False
-    ended: bool = False
-    llm_usage: tuple[int, int] = (0, 0)
-    speculation: "Speculation | None" = None  # a reply started at a pause, not yet confirmed
-    span: object = None  # the turn's span (opentelemetry Span)
-    finalize_sent_at: float | None = None
-    calls: "ReplyCalls | None" = None  # LLM and TTS calls opened at the user's stop, before the final
-    ttfb_ms: dict[str, float] = field(default_factory=dict)  # per service, for the Metrics event
-    tts_characters: int = 0
-    pending_finals: int = 0  # Finalize sent, EndOfUtterance not yet received
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)  # the final's late report and give-up
-    delayed: bool = False  # TurnDelayed already sent
-    ended_as: tuple = ()  # (duration s, interrupted, reason name), set when the turn ends
-
-    def cancel_timers(self) -> None:
-        for timer in self.timers:
-            timer.cancel()
-        self.timers.clear()
-
-    @property
-    def latency_ms(self) -> float:
-        if self.user_end_at is None or self.first_audio_at is None:
-            return 0.0
-        return max(0.0, (self.first_audio_at - self.user_end_at) * 1000)
 
 
 @dataclass
@@ -78,24 +45,6 @@ def call_metadata(turn: Turn, speculative: bool) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass
-class Speculation:
-    """A reply started on the transcript of a pause; its audio is held until the turn is confirmed."""
-
-    text: str
-    held: object  # HeldPlayout
-    task: asyncio.Task
-    settled: int = 0  # the session's settled superseded turns when it started (more since: stale)
-
-
-def same_words(a: str, b: str) -> bool:
-    """Transcripts equal up to case and punctuation."""
-    def words(text: str) -> list[str]:
-        return [w.strip(".,!?;:\"'").lower() for w in text.split()]
-
-    return words(a) == words(b)
-
-
-@dataclass
 class ReplyEnv:
     """What every reply of a session shares."""
 
@@ -103,22 +52,25 @@ class ReplyEnv:
     config: pb.SessionConfig
     output_format: common_pb2.AudioFormat
     bytes_per_second: int
-    emit: object  # sends a ConverseResponse to the caller now
-    tools: object  # ToolBroker
-    context: object  # ConversationContext
+    emit: EventSink  # sends a ConverseResponse to the caller now
+    tools: ToolBroker
+    context: ConversationContext
 
 
 class BotReply:
-    def __init__(self, env: ReplyEnv, playout: Playout, turn: Turn, speculative: bool = False):
+    """Writes to `sink`: the Playout, or for a speculative reply the HeldSink in front of it."""
+
+    def __init__(self, env: ReplyEnv, sink: ReplySink, turn: Turn, held: HeldSink | None = None):
         self.env = env
         self.clients = env.clients
         self.config = env.config
         self.output_format = env.output_format
         self.bytes_per_second = env.bytes_per_second
         self.emit = env.emit
-        self.playout = playout
+        self.playout = sink
         self.turn = turn
-        self.speculative = speculative
+        self.held = held
+        self.speculative = held is not None
         self._llm_started = 0.0
         self._tts_text_sent_at: float | None = None
 
@@ -203,8 +155,8 @@ class BotReply:
 
     async def _run_tools(self, llm_call, calls: list[llm_pb2.ToolCall]) -> None:
         """The client runs the tools (in parallel); their results go back to the same LLM call."""
-        if self.speculative:  # never ask the client to run tools for a turn that may be dropped
-            await self.playout.released.wait()
+        if self.held is not None:  # never ask the client to run tools for a turn that may be dropped
+            await self.held.released.wait()
         context = self.env.context
         context.add_tool_calls(calls)  # with IN_PROGRESS results until the answers come
         results = await self.env.tools.run(calls, self.turn.number)
@@ -223,9 +175,7 @@ class BotReply:
                     self.turn.ttfb_ms["tts"] = (time.monotonic() - self._tts_text_sent_at) * 1000
                     metrics().ttfb.record(self.turn.ttfb_ms["tts"], {"service": "tts"})
                 chunk = response.audio.chunk
-                message = pb.ConverseResponse(
-                    audio=pb.BotAudio(chunk=common_pb2.AudioChunk(data=chunk.data, offset_ms=chunk.offset_ms), turn_number=number)
-                )  # the playout numbers the chunks as it sends them (it may merge some)
+                message = events.bot_audio(chunk.data, chunk.offset_ms, number)
                 first = False
                 self.playout.audio(message, len(chunk.data) / self.bytes_per_second, number)
                 metrics().hop.record((time.perf_counter() - received) * 1000, {"direction": "outbound"})
@@ -235,7 +185,7 @@ class BotReply:
 
     def _spoken(self, text: str) -> None:
         self.turn.spoken.append(text)
-        self.emit(pb.ConverseResponse(bot_text=pb.BotText(text=text, turn_number=self.turn.number)))
+        self.emit(events.bot_text(text, self.turn.number))
 
 
 def _piece(segment_id: int, text: str) -> tts_pb2.SynthesizeRequest:

@@ -10,15 +10,21 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb
+from voicemesh.orchestrator import events
+from voicemesh.v1 import llm_pb2, orchestrator_pb2 as pb
 
 
 class ToolBroker:
-    def __init__(self, emit: Callable[[pb.ConverseResponse], None], timeout_s: float):
+    def __init__(self, emit: Callable[[pb.ConverseResponse], None], timeout_s: float,
+                 on_change: Callable[[bool], None] = lambda in_progress: None):
+        """`on_change(in_progress)`: a call started or finished (mute strategies watch it)."""
         self.emit = emit
         self.timeout_s = timeout_s
         self.pending: dict[str, asyncio.Future] = {}
-        self.on_change: Callable[[], None] = lambda: None  # mute strategies watch in_progress
+        self._on_change = on_change
+
+    def on_change(self) -> None:
+        self._on_change(self.in_progress)
 
     @property
     def in_progress(self) -> bool:
@@ -29,37 +35,37 @@ class ToolBroker:
         loop = asyncio.get_running_loop()
         for call in calls:
             self.pending[call.id] = loop.create_future()
-            self.emit(pb.ConverseResponse(tool_call=pb.ToolCallRequested(
-                id=call.id, name=call.name, arguments_json=call.arguments_json, turn_number=turn_number)))
+            self.emit(events.tool_call(call, turn_number))
         self.on_change()
         try:
-            return list(await asyncio.gather(*(self._answer(call.id) for call in calls)))
+            # Each waits on its own future: an answer (or a cancel) may come before the waits start.
+            return list(await asyncio.gather(*(self._answer(call.id, self.pending[call.id]) for call in calls)))
         except asyncio.CancelledError:
             self.cancel_all("interrupted")
             raise
         finally:
             self.on_change()
 
-    async def _answer(self, call_id: str) -> tuple[llm_pb2.ToolResult, bool]:
-        future = self.pending[call_id]
+    async def _answer(self, call_id: str, future: asyncio.Future) -> tuple[llm_pb2.ToolResult, bool]:
         try:
             answer: pb.ToolCallResult = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
         except asyncio.TimeoutError:
             self.pending.pop(call_id, None)
             future.cancel()
-            self.emit(pb.ConverseResponse(tool_call_cancelled=pb.ToolCallCancelled(ids=[call_id], reason="timeout")))
+            self.emit(events.tool_call_cancelled([call_id], "timeout"))
             error = json.dumps({"error": f"the tool did not answer within {self.timeout_s:g} s"})
             return llm_pb2.ToolResult(tool_call_id=call_id, content=error, is_error=True), True
         run_llm = answer.run_llm if answer.HasField("run_llm") else True
-        return llm_pb2.ToolResult(tool_call_id=call_id, content=answer.content, is_error=answer.is_error, skip_reply=not run_llm), run_llm
+        result = llm_pb2.ToolResult(tool_call_id=call_id, content=answer.content, is_error=answer.is_error,
+                                    skip_reply=not run_llm)
+        return result, run_llm
 
     def resolve(self, result: pb.ToolCallResult) -> None:
         """A client answer. One for a call nobody waits for any more gets a non-fatal error."""
         future = self.pending.pop(result.tool_call_id, None)
         if future is None or future.done():
-            self.emit(pb.ConverseResponse(error=common_pb2.Error(
-                code="FAILED_PRECONDITION", source="orchestrator", fatal=False,
-                message=f"no tool call {result.tool_call_id!r} is waiting for a result (it finished, timed out or was cancelled)")))
+            self.emit(events.error("FAILED_PRECONDITION", f"no tool call {result.tool_call_id!r} is waiting for a result "
+                                   "(it finished, timed out or was cancelled)", "orchestrator"))
             return
         future.set_result(result)
         self.on_change()
@@ -71,5 +77,5 @@ class ToolBroker:
         for future in self.pending.values():
             future.cancel()
         self.pending.clear()
-        self.emit(pb.ConverseResponse(tool_call_cancelled=pb.ToolCallCancelled(ids=ids, reason=reason)))
+        self.emit(events.tool_call_cancelled(ids, reason))
         self.on_change()

@@ -83,6 +83,17 @@ class SessionTracing:
             metrics().interruptions.add(1)
         span.end()
 
+    # As a seams.TurnObserver: a span per turn, ended (and counted) when the turn is over for good.
+    def turn_opened(self, turn) -> None:
+        turn.span = self.start_turn(turn.number, turn.turn_id, turn.started_at)
+
+    def turn_finished(self, turn) -> None:
+        duration, interrupted, reason = turn.ended_as
+        self.end_turn(turn.span, duration, interrupted, turn.latency_ms, reason)
+
+    def said(self, role: str, text: str, interrupted: bool) -> None:
+        pass
+
     def error(self, code: str, source: str) -> None:
         metrics().errors.add(1, {"code": code, "source": source})
 

@@ -1,8 +1,14 @@
-"""Turn-taking for a Session: who speaks, when a turn is released, barge-in, bot replies.
+"""The turn controller: who speaks, when a turn is released, barge-in, speculation, mute.
 
-A turn starts when the user starts speaking (or types, or the bot speaks first) and ends
-when the bot's reply has been played or cut off. Kept apart from session.py, which owns the
-streams; this mixin only reacts to their events.
+It has no I/O. The session feeds it events (turn_events.py) with the time they happened and
+carries out the effects it returns, in order. It never reads a clock, opens a stream or starts
+a task, so every rule below is tested in-process (tests/orchestrator/).
+
+The session's own rules around its turns (idle timeout, re-prompts, End, Cancel) are in
+lifecycle.py, which hands every other event to this controller.
+
+A turn starts when the user starts speaking (or types, or the bot speaks first) and ends when
+the bot's reply has been played or cut off, once, with a TurnEnded saying why.
 
 No turn is lost to timing: once the user stops, the turn waits for the STT's final transcript
 however long it takes (a late one is reported with TurnDelayed, and only a final that never
@@ -12,47 +18,96 @@ new turn, whatever the STT's speed: a turn still waiting for its final is supers
 """
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
+from voicemesh.orchestrator import turn_events as ev
+from voicemesh.orchestrator.policies import MuteState, TurnLifecycle
+from voicemesh.orchestrator.turn_events import Speculation, Turn
+from voicemesh.v1 import orchestrator_pb2 as pb
 
-import grpc
-
-from voicemesh.orchestrator.playout import HeldPlayout
-from voicemesh.orchestrator.reply import BotReply, ReplyCalls, Speculation, Turn, call_metadata, same_words
-from voicemesh.orchestrator.tracing import metrics
-from voicemesh.runtime import telemetry
-from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, stt_pb2, vad_pb2
-
-log = logging.getLogger("voicemesh.session")
 Speaking = pb.SpeakingEvent
 Ended = pb.TurnEnded
 DEFAULT_FINAL_LATE_S = 2.0  # a final transcript not in by then is reported late (the turn waits on)
 DEFAULT_FINAL_GIVE_UP_S = 30.0  # a final transcript not in by then is given up, with an explicit reason
+FINAL_LATE, FINAL_GIVE_UP = "final_late", "final_give_up"  # timer names
+LISTENING, USER_SPEAKING, AWAITING_FINAL, REPLYING = "LISTENING", "USER_SPEAKING", "AWAITING_FINAL", "REPLYING"
 
 
-class TurnTaking:
-    """Mixin for Session. Expects: emit, playout, tracing, context, mute, timers, stt_call,
-    vad_call, caller_audio, config, reply_env, recorder, _arrival_time, and `awaiting`: a
-    dict of the turns that ended before their final transcript came, by turn id."""
+def same_words(a: str, b: str) -> bool:
+    """Transcripts equal up to case and punctuation."""
+    def words(text: str) -> list[str]:
+        return [w.strip(".,!?;:\"'").lower() for w in text.split()]
 
-    turn: Turn | None = None
-    barge: Turn | None = None  # user speech over the bot that has not yet earned an interruption
-    turn_count = 0
-    reply_task: asyncio.Task | None = None
-    user_speaking = False
-    unanswered = False  # a superseded turn's words joined the context; no reply has heard them yet
-    _barge_serial = 0
-    _settled = 0  # superseded turns settled so far: a speculation made before one is stale
+    return words(a) == words(b)
+
+
+class TurnController:
+    """One session's turn-taking. Its state (`state`) is where the current turn stands:
+
+    - LISTENING: no turn in flight (none yet, or the last one ended);
+    - USER_SPEAKING: the user's turn is open and the VAD hears speech;
+    - AWAITING_FINAL: the user stopped; the turn waits for its final transcripts (pending_finals);
+    - REPLYING: the bot has the floor (a reply, greeting, say or re-prompt runs or plays);
+      user speech over it is a barge-in, or, with min_words, `barge` until it has enough words.
+
+    Beside it: turns superseded before their final came (`awaiting`), and the policies that
+    follow the turns (`policies`: mute here, the idle timers of lifecycle.py).
+    """
+
+    def __init__(self, config: pb.SessionConfig, now: float, policies: tuple[TurnLifecycle, ...] = ()):
+        self.config = config
+        self.session_id = config.session_id
+        self.mute = MuteState(config.mute_strategies)
+        self.policies: tuple[TurnLifecycle, ...] = (self.mute, *policies)
+        self.turn: Turn | None = None
+        self.barge: Turn | None = None  # user speech over the bot that has not yet earned an interruption
+        self.turn_count = 0
+        self.user_speaking = False
+        self.unanswered = False  # a superseded turn's words joined the context; no reply has heard them yet
+        self.awaiting: dict[str, Turn] = {}  # turns that ended before their final transcript came, by turn id
+        self._barge_serial = 0
+        self._settled = 0  # superseded turns settled so far: a speculation made before one is stale
+        self.now = now
+        self._out: list = []
+
+    def handle(self, event, now: float) -> list:
+        """Apply one event at time `now`; returns the effects to carry out, in order."""
+        self.now = now
+        self._out = []
+        getattr(self, "_on_" + type(event).__name__)(event)
+        return self._out
+
+    @property
+    def state(self) -> str:
+        turn = self.turn
+        if turn is None or turn.ended:
+            return LISTENING
+        if turn.replying:
+            return REPLYING
+        return USER_SPEAKING if self.user_speaking else AWAITING_FINAL
+
+    def muted(self) -> bool:
+        return self.mute.muted()
+
+    def in_flight(self) -> bool:
+        """A turn is open, or speech over the bot (min_words) may still become one: End waits."""
+        return (self.turn is not None and not self.turn.ended) or self.barge is not None
+
+    def _do(self, *effects) -> None:
+        self._out.extend(effects)
+
+    def _emit(self, event: str, **fields) -> None:
+        self._out.append(ev.Emit(event, fields))
+
+    def _log(self, level: str, message: str) -> None:
+        self._out.append(ev.Log(level, f"session {self.session_id}: {message}"))
 
     # ---- turns -----------------------------------------------------------------------
     def _new_turn(self, started_at: float, turn_id: str = "") -> Turn:
         self._interrupt()
         self.turn_count += 1
         turn = Turn(number=self.turn_count, turn_id=turn_id or f"{self.session_id}-{self.turn_count}", started_at=started_at)
-        turn.span = self.tracing.start_turn(turn.number, turn.turn_id, started_at)
+        self._do(ev.TurnOpened(turn))
         self.turn = turn
-        self.emit(pb.ConverseResponse(turn_started=pb.TurnStarted(turn_number=turn.number, turn_id=turn.turn_id)))
+        self._emit("turn_started", turn_number=turn.number, turn_id=turn.turn_id)
         return turn
 
     def _interrupt(self) -> None:
@@ -60,13 +115,11 @@ class TurnTaking:
         turn = self.turn
         if turn is None or turn.ended:
             return
-        if self.reply_task and not self.reply_task.done():
-            self.reply_task.cancel()
+        self._do(ev.CancelReply())
         self._drop_speculation(turn)
-        self.tools.cancel_all("interrupted")
-        self.playout.clear()
+        self._do(ev.CancelTools("interrupted"), ev.ClearPlayout(turn.number))
         if turn.first_audio_at is not None:
-            self.emit(pb.ConverseResponse(clear_playback=pb.ClearPlayback(turn_number=turn.number)))
+            self._emit("clear_playback", turn_number=turn.number)
         if turn.pending_finals and not turn.replying:
             self.awaiting[turn.turn_id] = turn  # its final is still coming; its words will join the context
         self._end_turn(turn, Ended.REASON_INTERRUPTED)
@@ -77,65 +130,145 @@ class TurnTaking:
             return
         turn.ended = True
         interrupted = reason == Ended.REASON_INTERRUPTED or (reason == Ended.REASON_SESSION_ENDED and turn.replying)
-        turn.cancel_timers()
-        if turn.calls:
-            turn.calls.cancel()
-            turn.calls = None
+        self._cancel_timers(turn)
+        self._do(ev.CloseReplyCalls(turn))
         if turn.replying:
             spoken = " ".join(turn.spoken)
-            self.context.add_assistant(spoken, interrupted=interrupted and bool(spoken))
-            if spoken and self.recorder:
-                self.recorder.entry("assistant", spoken, interrupted=interrupted)
+            if spoken:  # only what was heard, marked if it was cut off
+                self._do(ev.AddToContext("assistant", spoken, interrupted=interrupted))
             if turn.first_audio_at is not None:
-                self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_BOT_STOPPED, turn_number=turn.number)))
-                self.mute.first_speech_done = True
-            self.mute.first_turn_complete = True
-            self.timers.bot_finished()
-        self.mute.bot_speaking = False
-        self.playout.reset_clock()
-        duration = time.monotonic() - turn.started_at
+                self._emit("speaking", kind=Speaking.KIND_BOT_STOPPED, turn_number=turn.number)
+        for policy in self.policies:
+            policy.turn_ended(turn.replying, turn.first_audio_at is not None, self.now)
+        self._do(ev.ResetPlayoutClock())
+        duration = self.now - turn.started_at
         turn.ended_as = (duration, interrupted, Ended.Reason.Name(reason))
         if turn.turn_id not in self.awaiting:  # else its span ends with its final, which it encloses
-            self.tracing.end_turn(turn.span, *turn.ended_as[:2], turn.latency_ms, turn.ended_as[2])
+            self._do(ev.TurnFinished(turn))
         if reason != Ended.REASON_ANSWERED:
-            log.info("session %s: turn %d ended: %s", self.session_id, turn.number, turn.ended_as[2])
-        self.emit(pb.ConverseResponse(turn_ended=pb.TurnEnded(
-            turn_number=turn.number, duration_seconds=duration, interrupted=interrupted, latency_ms=turn.latency_ms,
-            reason=reason)))
+            self._log("info", f"turn {turn.number} ended: {turn.ended_as[2]}")
+        self._emit("turn_ended", turn_number=turn.number, duration_seconds=duration, interrupted=interrupted,
+                   latency_ms=turn.latency_ms, reason=reason)
         if self.config.metrics:
             input_tokens, output_tokens = turn.llm_usage
-            self.emit(pb.ConverseResponse(metrics=pb.Metrics(
-                turn_number=turn.number, ttfb_ms=turn.ttfb_ms, voice_to_voice_ms=turn.latency_ms,
-                llm_input_tokens=input_tokens, llm_output_tokens=output_tokens,
-                tts_characters=turn.tts_characters, processing_ms=duration * 1000)))
+            self._emit("metrics", turn_number=turn.number, ttfb_ms=dict(turn.ttfb_ms), voice_to_voice_ms=turn.latency_ms,
+                       llm_input_tokens=input_tokens, llm_output_tokens=output_tokens,
+                       tts_characters=turn.tts_characters, processing_ms=duration * 1000)
 
-    def _bot_started(self, turn_number: int) -> None:
+    def _cancel_timers(self, turn: Turn) -> None:
+        for name in sorted(turn.timers):
+            self._do(ev.CancelTimer(name, turn))
+        turn.timers.clear()
+
+    def _start_timer(self, name: str, turn: Turn, seconds: float) -> None:
+        turn.timers.add(name)
+        self._do(ev.StartTimer(name, turn, self.now + seconds))
+
+    def _user_active(self) -> None:
+        for policy in self.policies:
+            policy.user_active(self.now)
+
+    def _bot_replying(self) -> bool:
+        return self.turn is not None and self.turn.replying and not self.turn.ended
+
+    # ---- the bot -----------------------------------------------------------------------
+    def _on_ReplyFirstAudio(self, event: ev.ReplyFirstAudio) -> None:
         turn = self.turn
-        if turn is not None and turn.number == turn_number and turn.first_audio_at is None:
-            turn.first_audio_at = time.monotonic()
-            self.mute.bot_speaking = True
-            self.timers.bot_started()
-            self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_BOT_STARTED, turn_number=turn_number)))
+        if turn is not None and turn.number == event.turn_number and turn.first_audio_at is None:
+            turn.first_audio_at = self.now
+            for policy in self.policies:
+                policy.bot_started(self.now)
+            self._emit("speaking", kind=Speaking.KIND_BOT_STARTED, turn_number=event.turn_number)
 
-    def _text_turn(self, text: str) -> None:
-        turn = self._new_turn(time.monotonic())
-        turn.user_end_at = time.monotonic()
-        self.emit(pb.ConverseResponse(user_transcript=pb.UserTranscript(text=text, is_final=True, turn_number=turn.number, confidence=1.0)))
-        turn.user_text = text
+    def _on_ReplyDone(self, event: ev.ReplyDone) -> None:
+        self._end_turn(event.turn, Ended.REASON_ANSWERED)
+
+    def _on_ReplyFailed(self, event: ev.ReplyFailed) -> None:
+        # Any failure ends this turn with a reason, never silently.
+        self._do(ev.EmitError(event.code, f"bot reply failed: {event.details}", "llm/tts"))
+        self._end_turn(event.turn, Ended.REASON_REPLY_FAILED)
+
+    def _on_SpeculationFailed(self, event: ev.SpeculationFailed) -> None:
+        if event.turn.speculation is event.speculation:
+            event.turn.speculation = None  # the turn will start a fresh reply when confirmed
+
+    def _on_Say(self, event: ev.Say) -> None:
+        turn = self._new_turn(self.now)
+        turn.replying = True  # a bot-only turn: greeting, say or re-prompt
+        self._do(ev.StartBotReply(turn, event.text, event.instruction))
+
+    def _on_ToolsChanged(self, event: ev.ToolsChanged) -> None:
+        self.mute.tools_in_progress = event.in_progress
+
+    # ---- the client ----------------------------------------------------------------------
+    def _on_TypedText(self, event: ev.TypedText) -> None:
+        self._user_active()
+        turn = self._new_turn(self.now)
+        turn.user_end_at = self.now
+        self._emit("user_transcript", text=event.text, is_final=True, turn_number=turn.number, confidence=1.0)
+        turn.user_text = event.text
         self._start_reply(turn)
 
-    def _bot_says(self, text: str = "", instruction: str | None = None) -> None:
-        """The bot speaks on its own (greeting, say, re-prompt): fixed text, or an LLM reply to
-        the context plus an instruction that is not kept in the context."""
-        turn = self._new_turn(time.monotonic())
-        turn.replying = True  # a bot-only turn: greeting, say or re-prompt
-        reply = BotReply(self.reply_env, self.playout, turn)
-        if text:
-            work = reply.say(text)
-        else:
-            extra = [llm_pb2.ChatMessage(role="user", content=instruction)] if instruction else []
-            work = reply.run(self.context.snapshot(*extra))
-        self.reply_task = asyncio.ensure_future(self._finish_reply(work, turn))
+    def _on_Interrupt(self, event: ev.Interrupt) -> None:
+        self._interrupt()
+
+    def _on_Mute(self, event: ev.Mute) -> None:
+        self.mute.client_muted = event.muted
+
+    def _on_SessionClosing(self, event: ev.SessionClosing) -> None:
+        """The turn in flight ends with REASON_SESSION_ENDED; superseded turns whose final never
+        came keep the reason they ended with."""
+        if self.turn is not None:
+            self._drop_speculation(self.turn)
+        if self.in_flight():
+            self._end_turn(self.turn, Ended.REASON_SESSION_ENDED)
+        for turn in list(self.awaiting.values()):
+            del self.awaiting[turn.turn_id]
+            self._do(ev.TurnFinished(turn))
+
+    # ---- timers ------------------------------------------------------------------------
+    def _on_TimerExpired(self, event: ev.TimerExpired) -> None:
+        turn = event.turn
+        if event.name not in turn.timers:
+            return  # cancelled meanwhile
+        turn.timers.discard(event.name)
+        if event.name == FINAL_LATE:
+            self._final_late(turn)
+        elif event.name == FINAL_GIVE_UP:
+            self._final_given_up(turn)
+
+    def _final_timeouts(self) -> tuple[float, float]:
+        options = self.config.turn
+        late = options.final_transcript_timeout_secs or DEFAULT_FINAL_LATE_S
+        return late, options.final_transcript_give_up_secs or max(DEFAULT_FINAL_GIVE_UP_S, late)
+
+    def _watch_final(self, turn: Turn) -> None:
+        """The turn waits for its final; these timers only report a late one, or give up on one
+        that never comes. Neither releases the turn with a partial transcript."""
+        self._cancel_timers(turn)
+        late, give_up = self._final_timeouts()
+        self._start_timer(FINAL_LATE, turn, late)
+        self._start_timer(FINAL_GIVE_UP, turn, give_up)
+
+    def _final_late(self, turn: Turn) -> None:
+        if turn.ended or turn.replying or not turn.pending_finals or turn.delayed:
+            return
+        turn.delayed = True
+        waited = self._final_timeouts()[0]
+        self._log("warning", f"turn {turn.number}: no final transcript {waited:.1f} s after the user stopped; still waiting")
+        self._do(ev.CountDelayed("stt"))
+        self._emit("turn_delayed", turn_number=turn.number, waiting_for="stt", waited_seconds=waited)
+
+    def _final_given_up(self, turn: Turn) -> None:
+        if turn.ended or turn.replying:
+            return
+        waited = self._final_timeouts()[1]
+        message = (f"no final transcript from the STT service {waited:.1f} s after the user stopped; turn "
+                   f"{turn.number} is given up (TurnOptions.final_transcript_give_up_secs)")
+        self._log("warning", message)
+        self._do(ev.EmitError("DEADLINE_EXCEEDED", message, "stt"))
+        self._drop_speculation(turn)
+        self._end_turn(turn, Ended.REASON_STT_TIMEOUT)
 
     # ---- releasing the user's turn -----------------------------------------------------
     def _start_reply(self, turn: Turn) -> None:
@@ -143,87 +276,48 @@ class TurnTaking:
         heard the same words."""
         if turn.ended or turn.replying:
             return
-        turn.cancel_timers()
+        self._cancel_timers(turn)
         text = turn.user_text.strip()
         speculation, turn.speculation = turn.speculation, None
         if not text and not self.unanswered:
             if speculation:
-                speculation.task.cancel()
-            self._end_turn(turn, Ended.REASON_NO_SPEECH)  # noise, or nothing recognisable (closes turn.calls)
+                self._do(ev.DropSpeculation(speculation))
+            self._end_turn(turn, Ended.REASON_NO_SPEECH)  # noise, or nothing recognisable (closes its calls)
             return
         # With no words of its own (a cough after a question the STT was still working on), the
         # turn answers the superseded turn's words, as it would have been answered on a fast STT.
         turn.replying = True
         self.unanswered = False
         if text:
-            self.context.add_user(text)
-            if self.recorder:
-                self.recorder.entry("user", text)
+            self._do(ev.AddToContext("user", text))
         if speculation and text and speculation.settled == self._settled and same_words(speculation.text, text):
-            log.debug("turn %s: speculative reply confirmed", turn.turn_id)
-            self.reply_task = speculation.task
-            if turn.calls:  # the speculation has its own
-                turn.calls.cancel()
-                turn.calls = None
-            speculation.held.release()  # its audio, already synthesised, starts playing now
+            self._log("debug", f"turn {turn.turn_id}: speculative reply confirmed")
+            self._do(ev.ConfirmSpeculation(turn, speculation))  # its audio, already synthesised, plays now
             return
         if speculation:
-            speculation.task.cancel()
-        reply = BotReply(self.reply_env, self.playout, turn)
-        # turn.calls stays set, so that ending the turn closes them even if the reply never ran.
-        self.reply_task = asyncio.ensure_future(self._finish_reply(reply.run(self.context.snapshot(), turn.calls), turn))
+            self._do(ev.DropSpeculation(speculation))
+        self._do(ev.StartReply(turn))  # the turn's calls stay open until it ends, even if the reply never ran
 
     def _speculate(self, turn: Turn, text: str) -> None:
         """The user paused: start the reply now, hold its audio until the turn is confirmed."""
         if turn.speculation and same_words(turn.speculation.text, text):
             return
         self._drop_speculation(turn)
-        log.debug("turn %s: speculative reply on %r", turn.turn_id, text)
-        held = HeldPlayout(self.playout)
-        reply = BotReply(self.reply_env, held, turn, speculative=True)
-        messages = self.context.snapshot(llm_pb2.ChatMessage(role="user", content=text))
-        task = asyncio.ensure_future(self._finish_reply(reply.run(messages), turn, held))
-        turn.speculation = Speculation(text, held, task, settled=self._settled)
+        self._log("debug", f"turn {turn.turn_id}: speculative reply on {text!r}")
+        turn.speculation = Speculation(text, settled=self._settled)
+        self._do(ev.Speculate(turn, turn.speculation))
 
     def _drop_speculation(self, turn: Turn) -> None:
         if turn.speculation:
-            log.debug("turn %s: speculative reply dropped", turn.turn_id)
-            turn.speculation.task.cancel()
+            self._log("debug", f"turn {turn.turn_id}: speculative reply dropped")
+            self._do(ev.DropSpeculation(turn.speculation))
             turn.speculation = None
 
-    async def _finish_reply(self, work, turn: Turn, held: HeldPlayout | None = None) -> None:
-        try:
-            await work
-            if held is not None:
-                await held.released.wait()
-            await self.playout.drained()
-            self._end_turn(turn, Ended.REASON_ANSWERED)
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # any failure ends this turn with a reason, never silently
-            if isinstance(err, grpc.aio.AioRpcError):
-                code, details = err.code().name, err.details()
-            else:
-                log.exception("session %s: bot reply failed", self.session_id)
-                code, details = "INTERNAL", f"{type(err).__name__}: {err}"
-            if held is not None and not held.released.is_set():
-                log.info("session %s: speculative reply failed: %s", self.session_id, details)
-                if turn.speculation and turn.speculation.held is held:
-                    turn.speculation = None  # the turn will start a fresh reply when confirmed
-                return
-            self.tracing.error(code, "llm/tts")
-            self.emit(pb.ConverseResponse(error=common_pb2.Error(
-                code=code, message=f"bot reply failed: {details}", fatal=False, source="llm/tts")))
-            self._end_turn(turn, Ended.REASON_REPLY_FAILED)
-
     # ---- the user speaking -------------------------------------------------------------
-    def _bot_replying(self) -> bool:
-        return self.turn is not None and self.turn.replying and not self.turn.ended
-
-    async def _user_started(self, offset_ms: int) -> None:
+    def _on_UserStarted(self, event: ev.UserStarted) -> None:
         if self.mute.muted():
             return
-        self.timers.activity()
+        self._user_active()
         self.user_speaking = True
         options = self.config.interruptions
         if self.barge is not None and not self._bot_replying():
@@ -234,32 +328,23 @@ class TurnTaking:
             if options.min_words:
                 self._barge_serial += 1  # the bot goes on until this speech has enough words
                 self.barge = Turn(number=0, turn_id=f"{self.session_id}-{self.turn_count + 1}.{self._barge_serial}",
-                                  started_at=self._arrival_time(offset_ms))
-                await self._send_turn_start(self.barge, offset_ms)
+                                  started_at=event.arrival)
+                self._do(ev.SendTurnStart(self.barge, event.offset_ms))
                 return
         turn = self.turn
         if turn is None or turn.ended or turn.replying or turn.user_end_at is not None:
             # A new turn. It interrupts a reply in progress (barge-in), or supersedes a turn still
             # waiting for its final: speech after the user's stop is a new turn however fast the
             # STT is, so the outcome never depends on the machine's speed.
-            turn = self._new_turn(self._arrival_time(offset_ms))
-        self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STARTED, turn_number=turn.number, offset_ms=offset_ms)))
-        await self._send_turn_start(turn, offset_ms)
-
-    async def _send_turn_start(self, turn: Turn, offset_ms: int) -> None:
-        traceparent, tracestate = telemetry.traceparent_of(turn.span) if turn.span else ("", "")
-        context = common_pb2.TurnContext(turn_id=turn.turn_id, turn_number=turn.number, audio_offset_ms=offset_ms,
-                                         trace=common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate))
-        await self.vad_call.write(vad_pb2.DetectRequest(turn=context))  # its speech segment span joins the turn
-        await self.caller_audio.flush_stt()  # the STT hears the turn's pre-roll before its start
-        await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=context))
+            turn = self._new_turn(event.arrival)
+        self._emit("speaking", kind=Speaking.KIND_USER_STARTED, turn_number=turn.number, offset_ms=event.offset_ms)
+        self._do(ev.SendTurnStart(turn, event.offset_ms))
 
     def _barge_words(self, text: str) -> None:
         """A transcript of speech over the bot: interrupt once it has min_words words (or at
         once if the bot has finished meanwhile: then it is simply the user's next turn)."""
-        barge = self.barge
         words = len(text.split())
-        if barge is None or not words or (self._bot_replying() and words < self.config.interruptions.min_words):
+        if self.barge is None or not words or (self._bot_replying() and words < self.config.interruptions.min_words):
             return
         self._barge_to_turn()  # interrupts the bot
 
@@ -267,70 +352,40 @@ class TurnTaking:
         """Speech over the bot becomes the user's turn, with its Finalize (if sent) still owed."""
         barge, self.barge = self.barge, None
         turn = self._new_turn(barge.started_at, turn_id=barge.turn_id)
-        turn.pending_finals, turn.user_end_at, turn.finalize_sent_at = barge.pending_finals, barge.user_end_at, barge.finalize_sent_at
-        self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STARTED, turn_number=turn.number)))
+        turn.pending_finals, turn.user_end_at = barge.pending_finals, barge.user_end_at
+        turn.finalize_sent_at = barge.finalize_sent_at
+        self._emit("speaking", kind=Speaking.KIND_USER_STARTED, turn_number=turn.number)
         return turn
 
-    async def _user_stopped(self, offset_ms: int) -> None:
+    def _on_UserStopped(self, event: ev.UserStopped) -> None:
+        if not self.user_speaking:
+            return
         self.user_speaking = False
         barge = self.barge
         if barge is not None:  # ask for its final: it may still reach min_words
             barge.pending_finals += 1
-            barge.user_end_at, barge.finalize_sent_at = self._arrival_time(offset_ms), time.monotonic()
-            await self.caller_audio.flush_stt(offset_ms)
-            await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=barge.turn_id)))
+            barge.user_end_at, barge.finalize_sent_at = event.arrival, self.now
+            self._do(ev.SendFinalize(barge, event.offset_ms, resume=False))
             return
         turn = self.turn
         if turn is None or turn.replying or turn.ended:
             return
-        self.timers.activity()
-        turn.user_end_at = self._arrival_time(offset_ms)
-        self.emit(pb.ConverseResponse(speaking=Speaking(kind=Speaking.KIND_USER_STOPPED, turn_number=turn.number, offset_ms=offset_ms)))
+        self._user_active()
+        turn.user_end_at = event.arrival
+        self._emit("speaking", kind=Speaking.KIND_USER_STOPPED, turn_number=turn.number, offset_ms=event.offset_ms)
         turn.pending_finals += 1
-        turn.finalize_sent_at = time.monotonic()
-        await self.caller_audio.flush_stt(offset_ms)
-        await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=turn.turn_id)))
+        turn.finalize_sent_at = self.now
+        self._do(ev.SendFinalize(turn, event.offset_ms, resume=True))
+
+    def _on_FinalizeSent(self, event: ev.FinalizeSent) -> None:
+        turn = event.turn
         if turn.ended or turn.replying:  # it changed while the writes waited
             return
-        if turn.calls is None:
-            turn.calls = ReplyCalls.open(self.reply_env.clients, call_metadata(turn, speculative=False))
+        self._do(ev.OpenReplyCalls(turn))  # call setup off the critical path (the session opens them once)
         self._watch_final(turn)
 
-    # ---- waiting for the final transcript ----------------------------------------------
-    def _watch_final(self, turn: Turn) -> None:
-        """The turn waits for its final; these timers only report a late one, or give up on one
-        that never comes. Neither releases the turn with a partial transcript."""
-        turn.cancel_timers()
-        options = self.config.turn
-        late = options.final_transcript_timeout_secs or DEFAULT_FINAL_LATE_S
-        give_up = options.final_transcript_give_up_secs or max(DEFAULT_FINAL_GIVE_UP_S, late)
-        loop = asyncio.get_running_loop()
-        turn.timers = [loop.call_later(late, self._final_late, turn, late),
-                       loop.call_later(give_up, self._final_given_up, turn, give_up)]
-
-    def _final_late(self, turn: Turn, waited: float) -> None:
-        if turn.ended or turn.replying or not turn.pending_finals or turn.delayed:
-            return
-        turn.delayed = True
-        log.warning("session %s: turn %d: no final transcript %.1f s after the user stopped; still waiting",
-                    self.session_id, turn.number, waited)
-        metrics().delayed.add(1, {"waiting_for": "stt"})
-        self.emit(pb.ConverseResponse(turn_delayed=pb.TurnDelayed(
-            turn_number=turn.number, waiting_for="stt", waited_seconds=waited)))
-
-    def _final_given_up(self, turn: Turn, waited: float) -> None:
-        if turn.ended or turn.replying:
-            return
-        message = (f"no final transcript from the STT service {waited:.1f} s after the user stopped; turn "
-                   f"{turn.number} is given up (TurnOptions.final_transcript_give_up_secs)")
-        log.warning("session %s: %s", self.session_id, message)
-        self.tracing.error("DEADLINE_EXCEEDED", "stt")
-        self.emit(pb.ConverseResponse(error=common_pb2.Error(
-            code="DEADLINE_EXCEEDED", message=message, fatal=False, source="stt")))
-        self._drop_speculation(turn)
-        self._end_turn(turn, Ended.REASON_STT_TIMEOUT)
-
-    def _on_transcript(self, transcript) -> None:
+    # ---- transcripts -------------------------------------------------------------------
+    def _on_Transcript(self, transcript: ev.Transcript) -> None:
         """Route one STT transcript to the turn it belongs to."""
         barge = self.barge
         if barge is not None and transcript.turn_id == barge.turn_id:
@@ -338,7 +393,7 @@ class TurnTaking:
             if transcript.is_final and self.barge is barge:
                 self.barge = None  # too few words: the bot was not interrupted
             elif self.barge is None and transcript.is_final and self.turn is not None:
-                self.turn.user_end_at = self.turn.user_end_at or time.monotonic()
+                self.turn.user_end_at = self.turn.user_end_at or self.now
                 self._accept_final(self.turn, transcript)
                 if not self.user_speaking:
                     self._start_reply(self.turn)  # the user already stopped speaking
@@ -356,28 +411,26 @@ class TurnTaking:
         if transcript.is_final:
             self._accept_final(turn, transcript)
         elif self.config.interim_transcripts:
-            self.emit(pb.ConverseResponse(user_transcript=pb.UserTranscript(
-                text=transcript.text, is_final=False, turn_number=turn.number,
-                confidence=transcript.stability, language=transcript.language)))
+            self._emit("user_transcript", text=transcript.text, is_final=False, turn_number=turn.number,
+                       confidence=transcript.stability, language=transcript.language)
 
-    def _accept_final(self, turn: Turn, transcript) -> None:
+    def _accept_final(self, turn: Turn, transcript: ev.Transcript) -> None:
         if turn.finalize_sent_at is not None:
-            turn.ttfb_ms["stt"] = (time.monotonic() - turn.finalize_sent_at) * 1000
-            metrics().ttfb.record(turn.ttfb_ms["stt"], {"service": "stt"})
+            turn.ttfb_ms["stt"] = (self.now - turn.finalize_sent_at) * 1000
+            self._do(ev.RecordTtfb("stt", turn.ttfb_ms["stt"]))
         turn.user_text = f"{turn.user_text} {transcript.text}".strip()
-        self.emit(pb.ConverseResponse(user_transcript=pb.UserTranscript(
-            text=transcript.text, is_final=True, turn_number=turn.number,
-            confidence=transcript.confidence, language=transcript.language)))
+        self._emit("user_transcript", text=transcript.text, is_final=True, turn_number=turn.number,
+                   confidence=transcript.confidence, language=transcript.language)
 
-    def _on_end_of_utterance(self, turn_id: str) -> None:
-        superseded = self.awaiting.get(turn_id)
+    def _on_EndOfUtterance(self, event: ev.EndOfUtterance) -> None:
+        superseded = self.awaiting.get(event.turn_id)
         if superseded is not None:
             superseded.pending_finals = max(0, superseded.pending_finals - 1)
             if not superseded.pending_finals:
                 self._settle(superseded)
             return
         turn = self.turn
-        if turn is None or turn_id != turn.turn_id:
+        if turn is None or event.turn_id != turn.turn_id:
             return
         turn.pending_finals = max(0, turn.pending_finals - 1)
         # Release the turn once every utterance in it is final and the user is quiet.
@@ -391,18 +444,6 @@ class TurnTaking:
         self._settled += 1
         text = turn.user_text.strip()
         if text:
-            self.context.add_user(text)
+            self._do(ev.AddToContext("user", text))
             self.unanswered = True
-            if self.recorder:
-                self.recorder.entry("user", text)
-        self.tracing.end_turn(turn.span, *turn.ended_as[:2], turn.latency_ms, turn.ended_as[2])
-
-    def _end_open_turns(self) -> None:
-        """The session is over: the turn in flight ends with REASON_SESSION_ENDED; superseded
-        turns whose final never came keep the reason they ended with."""
-        if self.turn is not None and not self.turn.ended:
-            self._drop_speculation(self.turn)
-            self._end_turn(self.turn, Ended.REASON_SESSION_ENDED)
-        for turn in list(self.awaiting.values()):
-            del self.awaiting[turn.turn_id]
-            self.tracing.end_turn(turn.span, *turn.ended_as[:2], turn.latency_ms, turn.ended_as[2])
+        self._do(ev.TurnFinished(turn))

@@ -25,7 +25,10 @@ from voicemesh.runtime.errors import FailedPrecondition, InvalidInput, first_mes
 from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.v1 import llm_pb2, llm_pb2_grpc
 
-PROVIDERS = {"llamacpp": "voicemesh.llm.providers.llamacpp:LlamaCppLlmProvider"}
+PROVIDERS = {
+    "llamacpp": "voicemesh.llm.providers.llamacpp:LlamaCppLlmProvider",
+    "fake": "voicemesh.llm.providers.fake:FakeLlmProvider",  # scripted, for tests and the bench
+}
 ROLES = {"system", "user", "assistant", "tool"}
 MAX_TOOL_ROUNDS = 8  # a model that keeps calling tools must not loop forever
 MAX_TOKENS_LIMIT = 4096

@@ -181,6 +181,11 @@ async def serve_async(definition: ServiceDefinition, settings: ServeSettings) ->
     resource = {"voicemesh.provider": info.provider, "voicemesh.model": info.model, "service.version": VERSION}
     telemetry.setup(definition.kind, resource)
     definition.register(servicer, server)
+    # A provider may serve RPCs of its own beside the service, on the same server (the fake STT's
+    # control, which releases held finals inside this process): `rpc_handlers()`, optional.
+    extra_handlers = getattr(servicer.provider, "rpc_handlers", None)
+    if extra_handlers is not None:
+        server.add_generic_rpc_handlers(tuple(extra_handlers()))
     reflection.enable_server_reflection(
         (definition.service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,

@@ -15,7 +15,10 @@ from voicemesh.stt.models import MODELS
 from voicemesh.stt.providers.base import SttEndOfUtterance, SttProvider, SttStream, SttStreamConfig, SttTranscript
 from voicemesh.v1 import stt_pb2, stt_pb2_grpc
 
-PROVIDERS = {"whisper": "voicemesh.stt.providers.whisper:WhisperSttProvider"}
+PROVIDERS = {
+    "whisper": "voicemesh.stt.providers.whisper:WhisperSttProvider",
+    "fake": "voicemesh.stt.providers.fake:FakeSttProvider",  # scripted, for tests and the bench
+}
 PROVIDER_RATE_HZ = 16000  # every provider is fed PCM16 mono at 16 kHz
 # A cancelled call shows the end of the requests first and its cancellation a loop turn later
 # (~0.2 ms): the end-of-requests final waits this long, so that a caller who has gone does not
@@ -36,6 +39,7 @@ class SttServicer(ServicerBase, stt_pb2_grpc.SttServiceServicer):
                 SttStreamConfig(
                     sample_rate_hz=PROVIDER_RATE_HZ, language=config.language,
                     interim_results=config.interim_results, pause_transcripts=config.pause_transcripts,
+                    session_id=config.session_id,
                 )
             )
             spans = _TurnSpans(config.language or self.provider_info().details.get("language", ""))

@@ -21,6 +21,7 @@ from voicemesh.v1 import common_pb2, tts_pb2, tts_pb2_grpc
 PROVIDERS = {
     "hibari": "voicemesh.tts.providers.hibari:HibariTtsProvider",
     "espeak": "voicemesh.tts.providers.espeak:EspeakTtsProvider",
+    "fake": "voicemesh.tts.providers.fake:FakeTtsProvider",  # scripted, for tests and the bench
 }
 MAX_TEXT_CHARS = 20_000  # per call; a turn's reply is far shorter
 

@@ -13,6 +13,7 @@ from voicemesh.runtime.audio import InboundAudio
 from voicemesh.runtime.errors import FailedPrecondition, InvalidInput, first_message, stream_guard
 from voicemesh.runtime.mux import MultiplexedCall
 from voicemesh.runtime.server import ServicerBase, provider_service
+from voicemesh.runtime.turn_defaults import MAX_SILENCE_LIMIT_SECS, MAX_SILENCE_SECS, PLAIN_STOP_SECS, SMART_TURN_STOP_SECS
 from voicemesh.v1 import vad_pb2, vad_pb2_grpc
 from voicemesh.vad.models import MODELS
 from voicemesh.vad.providers.base import VadProvider
@@ -20,11 +21,11 @@ from voicemesh.vad.segmenter import SegmenterParams, SpeechSegmenter, window_vol
 from voicemesh.vad.smart_turn import MODEL_NAME as SMART_TURN_MODEL
 from voicemesh.vad.smart_turn import SmartTurnModel, TurnGate
 
-PROVIDERS = {"silero": "voicemesh.vad.providers.silero:SileroVadProvider"}
-_DEFAULTS = SegmenterParams()
-
-
-SMART_TURN_STOP_SECS = 0.2  # with Smart Turn, a short pause is enough to ask the model
+PROVIDERS = {
+    "silero": "voicemesh.vad.providers.silero:SileroVadProvider",
+    "fake": "voicemesh.vad.providers.fake:FakeVadProvider",  # scripted, for tests and the bench
+}
+_DEFAULTS = SegmenterParams(stop_secs=PLAIN_STOP_SECS, max_silence_secs=MAX_SILENCE_SECS)
 
 
 def segmenter_params(config: vad_pb2.VadConfig, smart_turn_available: bool) -> SegmenterParams:
@@ -46,8 +47,8 @@ def segmenter_params(config: vad_pb2.VadConfig, smart_turn_available: bool) -> S
         raise InvalidInput("Detect: start_secs must be in (0, 5] and stop_secs in (0, 10]")
     if params.smart_turn and not 0 < params.smart_turn_threshold <= 1:
         raise InvalidInput("Detect: smart_turn_threshold must be in (0, 1]")
-    if params.smart_turn and not params.stop_secs <= params.max_silence_secs <= 60:
-        raise InvalidInput("Detect: max_silence_secs must be at least stop_secs and at most 60")
+    if params.smart_turn and not params.stop_secs <= params.max_silence_secs <= MAX_SILENCE_LIMIT_SECS:
+        raise InvalidInput(f"Detect: max_silence_secs must be at least stop_secs and at most {MAX_SILENCE_LIMIT_SECS:g}")
     return params
 
 

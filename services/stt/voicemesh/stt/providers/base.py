@@ -19,6 +19,7 @@ class SttStreamConfig:
     language: str = ""  # BCP-47; empty means the provider default
     interim_results: bool = True
     pause_transcripts: bool = False  # emit a transcript at each pause (see SttTranscript.at_pause)
+    session_id: str = ""  # the caller's session, for providers that key state or logs by it
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,58 @@
+"""A Converse call's SessionConfig: its audio formats, the defaults derived from it, and its checks."""
+from __future__ import annotations
+
+from voicemesh.runtime.audio import validate_format
+from voicemesh.runtime.errors import InvalidInput
+from voicemesh.runtime.turn_defaults import MAX_SILENCE_LIMIT_SECS, MAX_SILENCE_SECS, PLAIN_STOP_SECS, SMART_TURN_STOP_SECS
+from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb
+
+# What a session gets when its config sets no system prompt (the clients send none by default).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer in one or two short sentences."
+
+
+def session_formats(config: pb.SessionConfig) -> tuple[common_pb2.AudioFormat, common_pb2.AudioFormat]:
+    """Input and output formats; an entirely unset format takes the default."""
+    default_in = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000, channels=1)
+    default_out = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=24000, channels=1)
+    fmt_in = config.input_format if config.HasField("input_format") else default_in
+    fmt_out = config.output_format if config.HasField("output_format") else default_out
+    validate_format(fmt_in, "Converse: input_format", max_channels=2)
+    validate_format(fmt_out, "Converse: output_format")
+    return fmt_in, fmt_out
+
+
+def smart_turn_and_stop_secs(config: pb.SessionConfig) -> tuple[bool, float]:
+    """Smart Turn (unset: on, where the VAD has the model) and the VAD's stop wait (unset:
+    0.2 s with Smart Turn, 0.8 s without; a VAD without the model also takes 0.8). The one
+    place the orchestrator derives them: validation and the caller audio's batching use it."""
+    turn = config.turn
+    smart_turn = turn.smart_turn if turn.HasField("smart_turn") else True
+    return smart_turn, config.vad.stop_secs or (SMART_TURN_STOP_SECS if smart_turn else PLAIN_STOP_SECS)
+
+
+def validate(config: pb.SessionConfig) -> None:
+    vad, turn = config.vad, config.turn
+    if not (0 <= vad.confidence <= 1 and 0 <= vad.min_volume <= 1 and 0 <= vad.start_secs <= 5 and 0 <= vad.stop_secs <= 10):
+        raise InvalidInput("Converse: vad options out of range (confidence, min_volume 0-1; start_secs 0-5; stop_secs 0-10)")
+    if not (0 <= turn.smart_turn_threshold <= 1 and 0 <= turn.max_silence_secs <= MAX_SILENCE_LIMIT_SECS
+            and 0 <= turn.final_transcript_timeout_secs <= 30 and 0 <= turn.final_transcript_give_up_secs <= 300):
+        raise InvalidInput(f"Converse: turn options out of range (smart_turn_threshold 0-1; max_silence_secs "
+                           f"0-{MAX_SILENCE_LIMIT_SECS:g}; final_transcript_timeout_secs 0-30; "
+                           "final_transcript_give_up_secs 0-300)")
+    if turn.final_transcript_give_up_secs and turn.final_transcript_give_up_secs < turn.final_transcript_timeout_secs:
+        raise InvalidInput(f"Converse: turn.final_transcript_give_up_secs ({turn.final_transcript_give_up_secs}) must be at "
+                           f"least final_transcript_timeout_secs ({turn.final_transcript_timeout_secs})")
+    smart_turn, stop_secs = smart_turn_and_stop_secs(config)
+    max_silence = turn.max_silence_secs or MAX_SILENCE_SECS  # unset: the VAD's default
+    if smart_turn and max_silence < stop_secs:
+        raise InvalidInput(f"Converse: turn.max_silence_secs "
+                           f"({max_silence}, {'set' if turn.max_silence_secs else 'the default'}) "
+                           f"must be at least vad.stop_secs ({stop_secs}) with Smart Turn on")
+    lifecycle = config.lifecycle
+    if min(lifecycle.idle_timeout_secs, lifecycle.user_idle_secs, lifecycle.max_duration_secs, config.tools.timeout_secs) < 0:
+        raise InvalidInput("Converse: timeouts and durations must not be negative")
+    names = [tool.name for tool in config.tools.tools]
+    if len(set(names)) != len(names):
+        raise InvalidInput("Converse: tool names must be unique")
+    if any(strategy not in pb.MuteStrategy.values() or strategy == 0 for strategy in config.mute_strategies):
+        raise InvalidInput("Converse: unknown mute strategy")

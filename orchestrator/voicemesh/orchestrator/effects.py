@@ -1,0 +1,224 @@
+"""Carrying out the turn controller's effects: the I/O half of turn-taking.
+
+`EffectRunner` is the part of a Session that feeds events to its TurnController and does
+what comes back, in order: stream writes, the reply tasks (a BotReply per turn, speculative
+ones behind a HeldPlayout), playout and tool calls, the context, timers, the lifecycle
+observers. It decides nothing: every `if` about turns is in turns.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from voicemesh.orchestrator import events, turn_events as ev
+from voicemesh.orchestrator.clients import ServiceClients
+from voicemesh.orchestrator.context import ConversationContext
+from voicemesh.orchestrator.forwarding import CallerAudio
+from voicemesh.orchestrator.playout import HeldPlayout, Playout
+from voicemesh.orchestrator.reply import BotReply, ReplyCalls, ReplyEnv, call_metadata
+from voicemesh.orchestrator.seams import ServiceStream, TurnObserver
+from voicemesh.orchestrator.tools import ToolBroker
+from voicemesh.orchestrator.tracing import SessionTracing, metrics
+from voicemesh.orchestrator.turn_events import Speculation, Turn
+from voicemesh.orchestrator.lifecycle import SessionLifecycle
+from voicemesh.runtime import telemetry
+from voicemesh.v1 import common_pb2, llm_pb2, stt_pb2, vad_pb2
+
+log = logging.getLogger("voicemesh.session")
+
+
+class EffectRunner:
+    """Base of Session. Uses only these of its stages (set by Session):"""
+
+    session_id: str
+    clock: object  # () -> float, the controller's clock
+    controller: SessionLifecycle  # the turn controller behind the session lifecycle rules
+    clients: ServiceClients
+    playout: Playout
+    tools: ToolBroker
+    context: ConversationContext
+    reply_env: ReplyEnv
+    tracing: SessionTracing
+    observers: list[TurnObserver]
+    caller_audio: CallerAudio
+    vad_call: ServiceStream
+    stt_call: ServiceStream
+
+    def __init__(self) -> None:
+        self.reply_task: asyncio.Task | None = None
+        self._calls: dict[Turn, ReplyCalls] = {}  # opened at the user's stop, before the final
+        self._speculations: dict[Speculation, tuple[HeldPlayout, asyncio.Task]] = {}
+        self._timers: dict[tuple[str, Turn | None], asyncio.TimerHandle] = {}
+        self._handlers = {
+            ev.Emit: lambda e: self.emit(events.response(e.event, e.fields)),
+            ev.EmitError: self._error,
+            ev.Log: lambda e: getattr(log, e.level)("%s", e.message),
+            ev.CountDelayed: lambda e: metrics().delayed.add(1, {"waiting_for": e.waiting_for}),
+            ev.RecordTtfb: lambda e: metrics().ttfb.record(e.ms, {"service": e.service}),
+            ev.OpenReplyCalls: self._open_calls,
+            ev.CloseReplyCalls: lambda e: self._close_calls(e.turn),
+            ev.StartReply: self._start_reply,
+            ev.StartBotReply: self._start_bot_reply,
+            ev.Speculate: self._speculate,
+            ev.ConfirmSpeculation: self._confirm,
+            ev.DropSpeculation: self._drop,
+            ev.CancelReply: lambda e: self.reply_task and not self.reply_task.done() and self.reply_task.cancel(),
+            ev.CancelTools: lambda e: self.tools.cancel_all(e.reason),
+            ev.ClearPlayout: lambda e: self.playout.clear(e.turn_number),
+            ev.ResetPlayoutClock: lambda e: self.playout.reset_clock(),
+            ev.AddToContext: self._add_to_context,
+            ev.StartTimer: self._start_timer,
+            ev.CancelTimer: self._cancel_timer,
+            ev.TurnOpened: lambda e: [observer.turn_opened(e.turn) for observer in self.observers],
+            ev.TurnFinished: lambda e: [observer.turn_finished(e.turn) for observer in self.observers],
+            ev.Close: lambda e: self.close(e.reason),
+            ev.CloseWhenDrained: lambda e: asyncio.ensure_future(self._close_when_drained(e.reason)),
+        }
+
+    def emit(self, message) -> None:
+        raise NotImplementedError
+
+    def close(self, reason: int) -> None:
+        raise NotImplementedError
+
+    # ---- feeding the controller ----------------------------------------------------------
+    def feed(self, event) -> None:
+        """An event from a callback, a timer or a reader; its effects write to no stream."""
+        for effect in self.controller.handle(event, self.clock()):
+            if isinstance(effect, ev.ASYNC_EFFECTS):  # not produced for these events; kept in order regardless
+                asyncio.ensure_future(self._write(effect))
+            else:
+                self._handlers[type(effect)](effect)
+
+    async def feed_async(self, event) -> None:
+        """An event whose effects may write to the VAD and STT streams (awaited in order)."""
+        for effect in self.controller.handle(event, self.clock()):
+            if isinstance(effect, ev.ASYNC_EFFECTS):
+                await self._write(effect)
+            else:
+                self._handlers[type(effect)](effect)
+
+    async def _write(self, effect) -> None:
+        turn = effect.turn
+        if isinstance(effect, ev.SendTurnStart):
+            traceparent, tracestate = telemetry.traceparent_of(turn.span) if turn.span else ("", "")
+            context = common_pb2.TurnContext(turn_id=turn.turn_id, turn_number=turn.number, audio_offset_ms=effect.offset_ms,
+                                             trace=common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate))
+            await self.vad_call.write(vad_pb2.DetectRequest(turn=context))  # its speech segment span joins the turn
+            await self.caller_audio.flush_stt()  # the STT hears the turn's pre-roll before its start
+            await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=context))
+        else:  # SendFinalize
+            await self.caller_audio.flush_stt(effect.offset_ms)
+            await self.stt_call.write(stt_pb2.RecognizeRequest(finalize=stt_pb2.Finalize(turn_id=turn.turn_id)))
+            if effect.resume:
+                await self.feed_async(ev.FinalizeSent(turn))
+
+    # ---- effects -------------------------------------------------------------------------
+    def _error(self, effect: ev.EmitError) -> None:
+        self.tracing.error(effect.code, effect.source)
+        self.emit(events.error(effect.code, effect.message, effect.source))
+
+    def _open_calls(self, effect: ev.OpenReplyCalls) -> None:
+        if effect.turn not in self._calls:
+            self._calls[effect.turn] = ReplyCalls.open(self.clients, call_metadata(effect.turn, speculative=False))
+
+    def _close_calls(self, turn: Turn) -> None:
+        calls = self._calls.pop(turn, None)
+        if calls:
+            calls.cancel()
+
+    def _start_reply(self, effect: ev.StartReply) -> None:
+        reply = BotReply(self.reply_env, self.playout, effect.turn)
+        # The turn's calls stay open until it ends, so that ending it closes them even if the reply never ran.
+        work = reply.run(self.context.snapshot(), self._calls.get(effect.turn))
+        self.reply_task = asyncio.ensure_future(self._finish_reply(work, effect.turn))
+
+    def _start_bot_reply(self, effect: ev.StartBotReply) -> None:
+        reply = BotReply(self.reply_env, self.playout, effect.turn)
+        if effect.text:
+            work = reply.say(effect.text)
+        else:
+            extra = [llm_pb2.ChatMessage(role="user", content=effect.instruction)] if effect.instruction else []
+            work = reply.run(self.context.snapshot(*extra))
+        self.reply_task = asyncio.ensure_future(self._finish_reply(work, effect.turn))
+
+    def _speculate(self, effect: ev.Speculate) -> None:
+        held = HeldPlayout(self.playout)
+        reply = BotReply(self.reply_env, held, effect.turn, held=held)
+        messages = self.context.snapshot(llm_pb2.ChatMessage(role="user", content=effect.speculation.text))
+        task = asyncio.ensure_future(self._finish_reply(reply.run(messages), effect.turn, held, effect.speculation))
+        self._speculations[effect.speculation] = (held, task)
+
+    def _confirm(self, effect: ev.ConfirmSpeculation) -> None:
+        held, self.reply_task = self._speculations.pop(effect.speculation)
+        self._close_calls(effect.turn)  # the speculation has its own
+        held.release()  # its audio, already synthesised, starts playing now
+
+    def _drop(self, effect: ev.DropSpeculation) -> None:
+        entry = self._speculations.pop(effect.speculation, None)
+        if entry:
+            entry[1].cancel()
+
+    def _add_to_context(self, effect: ev.AddToContext) -> None:
+        if effect.role == "user":
+            self.context.add_user(effect.text)
+        else:
+            self.context.add_assistant(effect.text, interrupted=effect.interrupted)
+        for observer in self.observers:
+            observer.said(effect.role, effect.text, effect.interrupted)
+
+    def _start_timer(self, effect: ev.StartTimer) -> None:
+        self._cancel_timer(effect)
+        delay = max(0.0, effect.deadline - self.clock())
+        handle = asyncio.get_running_loop().call_later(delay, self._timer_expired, effect.name, effect.turn)
+        self._timers[(effect.name, effect.turn)] = handle
+
+    def _timer_expired(self, name: str, turn: Turn | None) -> None:
+        self._timers.pop((name, turn), None)
+        self.feed(ev.TimerExpired(name, turn))
+
+    def _cancel_timer(self, effect) -> None:
+        handle = self._timers.pop((effect.name, effect.turn), None)
+        if handle:
+            handle.cancel()
+
+    def cancel_timers(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    def cancel_replies(self) -> None:
+        """The session is over: the reply and any speculation stop."""
+        if self.reply_task:
+            self.reply_task.cancel()
+        for _, task in self._speculations.values():
+            task.cancel()
+
+    async def _close_when_drained(self, reason: int) -> None:
+        await self.playout.drained()
+        self.close(reason)
+
+    async def _finish_reply(self, work, turn: Turn, held: HeldPlayout | None = None,
+                            speculation: Speculation | None = None) -> None:
+        try:
+            await work
+            if held is not None:
+                await held.released.wait()
+            await self.playout.drained()
+            self.feed(ev.ReplyDone(turn))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # any failure ends this turn with a reason, never silently
+            if isinstance(err, grpc.aio.AioRpcError):
+                code, details = err.code().name, err.details()
+            else:
+                log.exception("session %s: bot reply failed", self.session_id)
+                code, details = "INTERNAL", f"{type(err).__name__}: {err}"
+            if held is not None and not held.released.is_set():
+                log.info("session %s: speculative reply failed: %s", self.session_id, details)
+                self._speculations.pop(speculation, None)
+                self.feed(ev.SpeculationFailed(turn, speculation))
+                return
+            self.feed(ev.ReplyFailed(turn, code, details))
