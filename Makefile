@@ -101,9 +101,13 @@ test-busy: install browser clients images
 test-busy-e2e: install browser
 	$(BIN)/python tests/busy_core.py --runs $(or $(RUNS),20) -- -q tests/test_e2e.py tests/test_tracing.py $(PYTEST_ARGS)
 
-# buf lint (STANDARD) on the contract, ruff on the Python.
+# buf lint (STANDARD) on the contract; buf breaking (FILE rules) against the previous commit,
+# so the contract never changes in place (additive changes only within v1); ruff on the Python.
 lint: $(VENV)/.installed
 	cd protos && ../$(BIN)/buf lint
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		echo "buf breaking against HEAD~1"; cd protos && ../$(BIN)/buf breaking --against "../.git#ref=HEAD~1,subdir=protos"; \
+	else echo "buf breaking: no previous commit in this clone (shallow?), nothing to compare against"; fi
 	$(BIN)/ruff check .
 
 # The bench's own venv: Pipecat (the in-process anchor), matplotlib, py-spy. Never in .venv.
