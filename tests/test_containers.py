@@ -254,8 +254,13 @@ class ContainerMesh:
         return {kind: state.get("ExitCode") for kind, state in self.states().items()}
 
     def remove(self) -> None:
-        """Remove every container started here, by ID, after saving its whole log."""
+        """Remove every container started here, by ID, after saving its whole log. A `podman run`
+        that failed or timed out after creating its container left no ID here: those are found
+        by this run's own label (unique per run), so they go too."""
         ids = [c.id for c in self.containers.values() if c.id]
+        labelled = podman("ps", "--all", "--quiet", "--no-trunc", "--filter", f"label=io.voicemesh.test-run={self.run_id}",
+                          check=False).stdout.split()
+        ids += [found for found in labelled if not any(found.startswith(known) or known.startswith(found) for known in ids)]
         for c in self.containers.values():
             if c.id:
                 with contextlib.suppress(Exception):

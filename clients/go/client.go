@@ -151,6 +151,7 @@ type Session struct {
 	sendMu    sync.Mutex
 	halfClose bool
 	aborted   bool
+	ctx       context.Context // the call's context: done when the session is cancelled
 }
 
 // Start opens a Converse call, sends cfg (not modified; unset formats get the defaults) and
@@ -190,7 +191,7 @@ func (c *Client) Start(ctx context.Context, cfg *pb.SessionConfig) (*Session, er
 		cancel()
 		return nil, status.Errorf(codes.Internal, "first event was %T, not SessionStarted", first.GetEvent())
 	}
-	s := &Session{stream: stream, cancel: cancel, id: started.GetSessionId(), outFormat: started.GetOutputFormat(),
+	s := &Session{stream: stream, cancel: cancel, ctx: callCtx, id: started.GetSessionId(), outFormat: started.GetOutputFormat(),
 		events: make(chan *pb.ConverseResponse, 256), done: make(chan struct{})}
 	go s.read()
 	return s, nil
@@ -213,7 +214,13 @@ func (s *Session) read() {
 			}
 			return
 		}
-		s.events <- ev
+		// A caller that stopped reading must not pin this goroutine: cancelling the Start
+		// context (or Close) releases it.
+		select {
+		case s.events <- ev:
+		case <-s.ctx.Done():
+			return
+		}
 	}
 }
 

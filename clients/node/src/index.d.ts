@@ -56,6 +56,7 @@ export declare class Session implements AsyncIterable<ConverseResponse__Output> 
   readonly closed: boolean;
   readonly error: VoicemeshError | null;
   /** Events after SessionStarted; ends after SessionEnded; throws VoicemeshError on a non-OK status. */
+  /** Leaving the loop early (break, return, throw) drops the call (abort()). */
   [Symbol.asyncIterator](): AsyncIterator<ConverseResponse__Output>;
   next(): Promise<IteratorResult<ConverseResponse__Output>>;
   sendAudio(data: Buffer | Int16Array | Uint8Array): boolean;

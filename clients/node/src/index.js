@@ -111,7 +111,15 @@ class Client {
   async start(config = {}, { startTimeoutMs = 30000, signal } = {}) {
     const call = this.stub.Converse(this.metadata());
     const session = new Session(call);
-    if (signal) signal.addEventListener('abort', () => session.cancel(), { once: true });
+    if (signal) {
+      // An already-aborted signal drops the call at once; the listener goes when the call ends.
+      const onAbort = () => session.cancel();
+      if (signal.aborted) session.abort();
+      else {
+        signal.addEventListener('abort', onAbort, { once: true });
+        call.on('status', () => signal.removeEventListener('abort', onAbort));
+      }
+    }
     call.write({ config: sessionConfig(config) });
     await session._started(startTimeoutMs);
     return session;
@@ -189,7 +197,15 @@ class Session {
   }
 
   [Symbol.asyncIterator]() {
-    return { next: () => this.next(), return: async () => ({ value: undefined, done: true }) };
+    // Leaving a for-await loop early (break, return, throw) drops the call, as with Node's own
+    // streams: nothing would read the events any more.
+    return {
+      next: () => this.next(),
+      return: async () => {
+        if (!this._closed) this.abort();
+        return { value: undefined, done: true };
+      },
+    };
   }
 
   /** True once the response stream is over (SessionEnded or a status). */

@@ -51,6 +51,7 @@ class EffectRunner:
         self._calls: dict[Turn, ReplyCalls] = {}  # opened at the user's stop, before the final
         self._speculations: dict[Speculation, tuple[HeldPlayout, asyncio.Task]] = {}
         self._timers: dict[tuple[str, Turn | None], asyncio.TimerHandle] = {}
+        self._drain_task: asyncio.Future | None = None  # End's wait for the playout, cancelled at session end
         self._handlers = {
             ev.Emit: lambda e: self.emit(events.response(e.event, e.fields)),
             ev.EmitError: self._error,
@@ -74,7 +75,7 @@ class EffectRunner:
             ev.TurnOpened: lambda e: [observer.turn_opened(e.turn) for observer in self.observers],
             ev.TurnFinished: lambda e: [observer.turn_finished(e.turn) for observer in self.observers],
             ev.Close: lambda e: self.close(e.reason),
-            ev.CloseWhenDrained: lambda e: asyncio.ensure_future(self._close_when_drained(e.reason)),
+            ev.CloseWhenDrained: self._start_close_when_drained,
         }
 
     def emit(self, message) -> None:
@@ -188,6 +189,12 @@ class EffectRunner:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+
+    def _start_close_when_drained(self, effect: ev.CloseWhenDrained) -> None:
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = asyncio.ensure_future(self._close_when_drained(effect.reason))
 
     def cancel_replies(self) -> None:
         """The session is over: the reply and any speculation stop."""

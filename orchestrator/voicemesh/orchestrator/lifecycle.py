@@ -38,7 +38,7 @@ class SessionLifecycle:
             out = self._end_waited()
         else:
             out = self.turns.handle(event, now)
-        if self.ending and not self._closing and not self.turns.in_flight():
+        if self.ending and not self._closing and not self.turns.end_waits():
             out = [*out, *self._close_when_drained()]
         return out
 
@@ -78,14 +78,14 @@ class SessionLifecycle:
         out = []
         if self.turns.user_speaking:  # no more audio will come to end the speech
             out = list(self.turns.handle(ev.UserStopped(event.offset_ms, event.arrival), self.now))
-        if self.turns.in_flight():
+        if self.turns.end_waits():
             out.append(ev.StartTimer(END_WAIT, None, self.now + END_TIMEOUT_S))
         return out
 
     def _end_waited(self) -> list:
-        if not (self.ending and not self._closing and self.turns.in_flight()):
+        if not (self.ending and not self._closing and self.turns.end_waits()):
             return []
-        number = self.turns.turn.number
+        number = self.turns.turn.number if self.turns.turn else 0
         warning = self._log("warning", f"End waited {END_TIMEOUT_S:.0f} s for turn {number}; closing")
         return [warning, *self._close_when_drained()]  # the turn gets REASON_SESSION_ENDED
 

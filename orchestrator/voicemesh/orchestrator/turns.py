@@ -88,8 +88,12 @@ class TurnController:
         return self.mute.muted()
 
     def in_flight(self) -> bool:
-        """A turn is open, or speech over the bot (min_words) may still become one: End waits."""
-        return (self.turn is not None and not self.turn.ended) or self.barge is not None
+        return self.turn is not None and not self.turn.ended
+
+    def end_waits(self) -> bool:
+        """What End lets finish: a turn in flight, or speech over the bot (min_words) that may
+        still become one once its final comes (End's own cap bounds the wait)."""
+        return self.in_flight() or self.barge is not None
 
     def _do(self, *effects) -> None:
         self._out.extend(effects)
