@@ -18,11 +18,32 @@ def kinds(sent: list[pb.ConverseResponse]) -> list[str]:
     return [message.WhichOneof("event") for message in sent]
 
 
+class Sent(list):
+    """What the broker sends to the caller, with an event per message to wait on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grew = asyncio.Event()
+
+    def append(self, message) -> None:
+        super().append(message)
+        self.grew.set()
+
+    async def until(self, count: int, timeout: float = 10.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self) < count:
+                    self.grew.clear()
+                    await self.grew.wait()
+        except TimeoutError:
+            raise AssertionError(f"waited for {count} messages, saw {kinds(self)}") from None
+
+
 async def test_calls_of_a_round_run_in_parallel_and_answer_in_call_order():
-    sent, changes = [], []
+    sent, changes = Sent(), []
     broker = ToolBroker(sent.append, timeout_s=5, on_change=changes.append)
     task = asyncio.ensure_future(broker.run(CALLS, turn_number=3))
-    await asyncio.sleep(0)
+    await sent.until(2)
     assert [(m.tool_call.id, m.tool_call.turn_number) for m in sent] == [("a", 3), ("b", 3)] and broker.in_progress
     broker.resolve(pb.ToolCallResult(tool_call_id="b", content="noon", run_llm=False))
     broker.resolve(pb.ToolCallResult(tool_call_id="a", content="sunny"))
@@ -42,10 +63,10 @@ async def test_a_tool_that_does_not_answer_in_time_gets_an_error_result():
 
 
 async def test_barge_in_cancels_the_pending_calls_and_a_late_answer_is_an_error():
-    sent, changes = [], []
+    sent, changes = Sent(), []
     broker = ToolBroker(sent.append, timeout_s=5, on_change=changes.append)
     task = asyncio.ensure_future(broker.run(CALLS, turn_number=1))
-    await asyncio.sleep(0)
+    await sent.until(2)
     broker.cancel_all("interrupted")  # the turn controller's CancelTools on barge-in
     with pytest.raises(asyncio.CancelledError):
         await task
