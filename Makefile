@@ -11,8 +11,12 @@ STUBS  := protos/voicemesh/v1/.stubs
 # with the extras of its embedded default provider. Exact versions: requirements/constraints.txt.
 DISTS  := protos services/runtime services/vad services/stt services/llm services/tts services/transport \
           orchestrator clients/python clients/cli
-EDITABLE := protos services/runtime services/vad[silero] services/stt[whisper,models] services/llm[llamacpp,models] \
-          services/tts[hibari] services/transport orchestrator clients/python clients/cli
+EDITABLE := protos services/runtime services/vad[silero] services/stt[whisper,models,riva,aws,deepgram] \
+          services/llm[llamacpp,models,openai,azure-openai,bedrock] services/tts[hibari,riva,polly,elevenlabs,cartesia] \
+          services/transport orchestrator clients/python clients/cli
+# The Azure Speech SDK is proprietary (Microsoft's licence terms): never in `make install`; only
+# `make test` adds it, to test the azure providers against their fake (docs/licences.md).
+AZURE_SPEECH := $(VENV)/.azure-speech
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(DISTS))
 REQS   := $(wildcard requirements/*.txt)
 PYTEST_ARGS ?=
@@ -43,6 +47,10 @@ $(VENV)/.installed: $(REQS) $(PYPROJECTS) protos/setup.py
 	$(PIP) --no-deps -r requirements/nodeps.txt
 	$(PIP) -c requirements/constraints.txt --no-build-isolation --config-settings editable_mode=compat \
 		$(addprefix -e ,$(EDITABLE))
+	touch $@
+
+$(AZURE_SPEECH): $(VENV)/.installed
+	$(PIP) -c requirements/constraints.txt azure-cognitiveservices-speech
 	touch $@
 
 # The protos' build generates the stubs (wheel or editable install); this regenerates them in
@@ -89,7 +97,7 @@ up: install
 
 # The container images (deploy/containers/images.mk) and the Node and Go clients
 # (clients/clients.mk) are built first: their tests run the six images and both clients' suites.
-test: install browser lint clients images
+test: install $(AZURE_SPEECH) browser lint clients images
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The suite on a slow machine: RUNS pytest runs in a row (5 of the whole suite; 20 of the e2e and

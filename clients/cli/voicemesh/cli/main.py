@@ -24,13 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     from voicemesh.cli import commands, up
     from voicemesh.runtime import models, serve
 
+    if argv and argv[0] == "serve":  # its flags depend on the provider chosen: its own parser
+        serve_parser = argparse.ArgumentParser(prog="voicemesh serve", description="Run one voicemesh service.")
+        serve.add_arguments(serve_parser)
+        return serve.serve(serve.parse(serve_parser, argv[1:]))
+
     parser = argparse.ArgumentParser(prog="voicemesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up.add_parser(sub)
     commands.add_parsers(sub)
-    serve_parser = sub.add_parser("serve", help="run one service in this process (same as voicemesh-serve)")
-    serve.add_arguments(serve_parser)
-    serve_parser.set_defaults(handler=serve.serve)
+    sub.add_parser("serve", help="run one service in this process (same as voicemesh-serve)", add_help=False)
     models_parser = sub.add_parser("models", help="set up or list the embedded models (same as voicemesh-models)")
     models.add_arguments(models_parser)
     models_parser.set_defaults(handler=models.run_command)

@@ -27,6 +27,9 @@ from voicemesh.v1 import llm_pb2, llm_pb2_grpc
 
 PROVIDERS = {
     "llamacpp": "voicemesh.llm.providers.llamacpp:LlamaCppLlmProvider",
+    "openai": "voicemesh.llm.providers.openai_compat:OpenAiLlmProvider",
+    "azure-openai": "voicemesh.llm.providers.openai_compat:AzureOpenAiLlmProvider",
+    "bedrock": "voicemesh.llm.providers.bedrock:BedrockLlmProvider",
     "fake": "voicemesh.llm.providers.fake:FakeLlmProvider",  # scripted, for tests and the bench
 }
 ROLES = {"system", "user", "assistant", "tool"}

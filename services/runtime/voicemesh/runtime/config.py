@@ -31,16 +31,19 @@ class ServeSettings:
     provider: str = field(default="", metadata={"help": "provider to run (default per service)"})
     max_message_bytes: int = field(default=4 << 20, metadata={"help": "largest gRPC message accepted or sent"})
     grace_seconds: float = field(default=10.0, metadata={"help": "how long open streams may finish after SIGTERM"})
+    probe_seconds: float = field(default=15.0, metadata={"help": "how often a remote provider is checked for health"})
     keepalive_seconds: float = field(default=20.0, metadata={"help": "HTTP/2 keepalive ping interval"})
     max_concurrent_streams: int = field(default=1000, metadata={"help": "HTTP/2 streams per connection"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_format: str = field(default="json", metadata={"help": "json (structured) or text"})
+    # The provider's own flags (--endpoint, --model, ...), name -> raw value; not a flag itself.
+    provider_options: dict = field(default_factory=dict, metadata={"flag": False})
 
     @classmethod
     def load(cls, kind: str, overrides: dict[str, object] | None = None) -> "ServeSettings":
         values: dict[str, object] = {}
         for spec in fields(cls):
-            if spec.name == "kind":
+            if spec.name == "kind" or spec.metadata.get("flag") is False:
                 continue
             raw = env_value(kind, spec.name)
             if raw is not None:

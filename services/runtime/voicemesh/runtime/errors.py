@@ -42,6 +42,26 @@ class Unavailable(StreamError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(StreamError):
+    """An upstream provider refused the credentials this service holds (not the caller's)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(StreamError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(StreamError):
+    """A model, voice or deployment that the provider does not have."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class DeadlineExceeded(StreamError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class ClosedBeforeFirstMessage(FailedPrecondition):
     """The caller closed the stream without sending anything. It still gets the status, but
     nothing was asked and nothing failed: callers may open calls ahead of need and drop the

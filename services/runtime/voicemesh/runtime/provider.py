@@ -21,9 +21,15 @@ class ProviderInfo:
 
 
 class Provider(abc.ABC):
-    """Base for all providers: load once, describe yourself, release on shutdown."""
+    """Base for all providers: load once, describe yourself, release on shutdown.
+
+    A provider with settings names their dataclass in `settings_class` and takes an instance
+    as its one constructor argument: the runtime fills it from VOICEMESH_<KIND>_<FIELD> env
+    vars and `--<field>` flags (voicemesh.runtime.upstream.load_settings).
+    """
 
     name: str = "unnamed"
+    settings_class: type | None = None
 
     @abc.abstractmethod
     async def load(self) -> None:
@@ -32,6 +38,13 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def info(self) -> ProviderInfo:
         """Provider, model and supported formats, for the Info RPC and resource attributes."""
+
+    async def probe(self) -> str | None:
+        """Whether the provider can serve now: None if so, else why not (a remote provider checks
+        it is reachable and accepts its credentials). The runtime calls it after load() and then
+        periodically, and reports health NOT_SERVING while it fails. Must be cheap and bounded
+        in time; embedded providers keep this default."""
+        return None
 
     async def close(self) -> None:
         """Release native resources. Called once at shutdown."""

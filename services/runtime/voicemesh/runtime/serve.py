@@ -35,20 +35,51 @@ def load_definition(kind: str):
     return points[kind].load()
 
 
+def _flag_fields(settings_class) -> list:
+    return [spec for spec in fields(settings_class) if spec.name != "kind" and spec.metadata.get("flag") is not False]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`kind` plus one flag per ServeSettings field (shared with `voicemesh serve`)."""
+    """`kind` plus one flag per ServeSettings field (shared with `voicemesh serve`). The chosen
+    provider's own flags are added by `parse` once the kind and provider are known."""
     parser.add_argument("kind", help="the service to run: " + ", ".join(sorted(installed_services())))
-    for spec in fields(ServeSettings):
-        if spec.name == "kind":
-            continue
+    for spec in _flag_fields(ServeSettings):
         kind = type(spec.default) if not isinstance(spec.default, str) else str
         parser.add_argument(f"--{spec.name.replace('_', '-')}", type=kind, default=None, help=spec.metadata.get("help"))
+
+
+def _provider_settings_class(args: argparse.Namespace):
+    """The settings dataclass of the provider these arguments (or the env) choose, if any."""
+    from voicemesh.runtime.server import load_provider_class
+
+    if args.kind not in installed_services():
+        return None
+    definition = load_definition(args.kind)
+    settings = ServeSettings.load(args.kind, {"provider": getattr(args, "provider", None)})
+    if not definition.providers or settings.provider not in definition.providers:
+        return None
+    return load_provider_class(definition.providers, settings.provider, args.kind).settings_class
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Two passes: the first finds the kind and provider, the second knows that provider's flags
+    (`voicemesh-serve stt --provider riva --help` lists Riva's)."""
+    known, _ = parser.parse_known_args(argv)
+    settings_class = _provider_settings_class(known) if getattr(known, "kind", None) else None
+    if settings_class is not None:
+        group = parser.add_argument_group(f"{known.kind} provider settings (env VOICEMESH_{known.kind.upper()}_<NAME>)")
+        for spec in fields(settings_class):
+            group.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"provider__{spec.name}", default=None,
+                               help=spec.metadata.get("help"))
+    return parser.parse_args(argv)
 
 
 def serve(args: argparse.Namespace) -> int:
     from voicemesh.runtime.server import run
 
-    overrides = {spec.name: getattr(args, spec.name) for spec in fields(ServeSettings) if spec.name != "kind"}
+    overrides: dict[str, object] = {spec.name: getattr(args, spec.name) for spec in _flag_fields(ServeSettings)}
+    overrides["provider_options"] = {name.removeprefix("provider__"): value for name, value in vars(args).items()
+                                     if name.startswith("provider__") and value is not None}
     definition = load_definition(args.kind)
     return run(definition, ServeSettings.load(args.kind, overrides))
 
@@ -57,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     parser = argparse.ArgumentParser(prog="voicemesh-serve", description="Run one voicemesh service.")
     add_arguments(parser)
-    return serve(parser.parse_args(argv))
+    return serve(parse(parser, argv))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ so a killed supervisor leaves no service behind on its ports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import logging
@@ -23,7 +24,7 @@ import signal
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 
 import grpc
@@ -37,6 +38,7 @@ from voicemesh.runtime.errors import Unavailable
 from voicemesh.runtime.logs import setup_logging
 from voicemesh.runtime.models import ModelSpec
 from voicemesh.runtime.provider import Provider, ProviderInfo
+from voicemesh.runtime.upstream import load_settings
 from voicemesh.v1 import common_pb2
 
 log = logging.getLogger("voicemesh.server")
@@ -100,6 +102,7 @@ class ServiceDefinition:
     build: Callable[[ServeSettings], ServicerBase]  # makes the servicer (and its provider)
     register: Callable[[ServicerBase, grpc.aio.Server], None]
     models: tuple[ModelSpec, ...] = ()  # what `voicemesh-models setup <kind>` sets up (default providers)
+    providers: dict[str, str] = field(default_factory=dict)  # provider name -> "module:Class"
 
 
 def provider_service(
@@ -109,7 +112,11 @@ def provider_service(
     """The definition of a service that runs one provider, chosen by --provider / env."""
 
     def build(settings: ServeSettings) -> ServicerBase:
-        return servicer_class(settings, load_provider_class(providers, settings.provider, kind)())
+        provider_class = load_provider_class(providers, settings.provider, kind)
+        if provider_class.settings_class is None:
+            return servicer_class(settings, provider_class())
+        options = load_settings(kind, settings.provider, provider_class.settings_class, settings.provider_options)
+        return servicer_class(settings, provider_class(options))
 
     grpc_module = importlib.import_module(pb2_module.__name__ + "_grpc")
     add_to_server = getattr(grpc_module, f"add_{service}Servicer_to_server")
@@ -119,6 +126,7 @@ def provider_service(
         build=build,
         register=lambda servicer, server: add_to_server(servicer, server),
         models=models,
+        providers=providers,
     )
 
 
@@ -171,6 +179,33 @@ def _exit_now(seconds: float) -> None:
     os._exit(1)
 
 
+PROBE_TIMEOUT_S = 10.0  # a probe that takes longer counts as a failure
+
+
+async def _watch_provider(provider: Provider, set_health, interval_s: float, stop: asyncio.Event) -> None:
+    """Health follows the remote provider: SERVING while its probe passes, NOT_SERVING (and one
+    log line per change, with the reason) while it fails, so traffic goes to replicas that can
+    answer and a pod with bad credentials never turns ready."""
+    serving: bool | None = None
+    while not stop.is_set():
+        try:
+            reason = await asyncio.wait_for(provider.probe(), PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            reason = f"the provider did not answer its health probe within {PROBE_TIMEOUT_S:.0f} s"
+        except Exception as err:  # noqa: BLE001 - any failure is a reason to stop serving
+            reason = f"health probe failed: {err}"
+        if (reason is None) is not serving:
+            serving = reason is None
+            if serving:
+                await set_health(health_pb2.HealthCheckResponse.SERVING)
+                log.info("serving", extra={"provider": provider.name})
+            else:
+                await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                log.warning("provider unreachable, not serving: %s", reason, extra={"provider": provider.name})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
 async def serve_async(definition: ServiceDefinition, settings: ServeSettings) -> int:
     lifeline = take_lifeline()  # first, before the provider can start any subprocess
     server = grpc.aio.server(options=grpc_server_options(settings))
@@ -219,9 +254,15 @@ async def serve_async(definition: ServiceDefinition, settings: ServeSettings) ->
         # that lands in some turn's latency).
         gc.collect()
         gc.freeze()
-        await set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"service": definition.service_name})
+        watcher = None
+        if servicer.provider is not None and type(servicer.provider).probe is not Provider.probe:
+            watcher = asyncio.create_task(_watch_provider(servicer.provider, set_health, settings.probe_seconds, stop))
+        else:
+            await set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving", extra={"service": definition.service_name})
         await stop.wait()
+        if watcher is not None:
+            watcher.cancel()
     elif startup in done:
         log.error("startup failed: %s", startup.exception(), exc_info=startup.exception())
         exit_code = 1

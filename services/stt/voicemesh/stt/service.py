@@ -17,6 +17,10 @@ from voicemesh.v1 import stt_pb2, stt_pb2_grpc
 
 PROVIDERS = {
     "whisper": "voicemesh.stt.providers.whisper:WhisperSttProvider",
+    "riva": "voicemesh.stt.providers.riva:RivaSttProvider",
+    "aws": "voicemesh.stt.providers.aws_transcribe:TranscribeSttProvider",
+    "azure": "voicemesh.stt.providers.azure:AzureSttProvider",
+    "deepgram": "voicemesh.stt.providers.deepgram:DeepgramSttProvider",
     "fake": "voicemesh.stt.providers.fake:FakeSttProvider",  # scripted, for tests and the bench
 }
 PROVIDER_RATE_HZ = 16000  # every provider is fed PCM16 mono at 16 kHz

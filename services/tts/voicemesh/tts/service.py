@@ -15,12 +15,17 @@ from voicemesh.runtime.errors import InvalidInput, first_message, stream_guard
 from voicemesh.runtime.sentences import SentenceAggregator, clean_for_speech
 from voicemesh.runtime.server import ServicerBase, provider_service
 from voicemesh.runtime.streams import with_reader
-from voicemesh.tts.providers.base import SynthesisRequest, TtsProvider
+from voicemesh.tts.providers.base import SynthesisRequest, TtsProvider, WordMark
 from voicemesh.v1 import common_pb2, tts_pb2, tts_pb2_grpc
 
 PROVIDERS = {
     "hibari": "voicemesh.tts.providers.hibari:HibariTtsProvider",
     "espeak": "voicemesh.tts.providers.espeak:EspeakTtsProvider",
+    "riva": "voicemesh.tts.providers.riva:RivaTtsProvider",
+    "polly": "voicemesh.tts.providers.polly:PollyTtsProvider",
+    "azure": "voicemesh.tts.providers.azure:AzureTtsProvider",
+    "elevenlabs": "voicemesh.tts.providers.elevenlabs:ElevenLabsTtsProvider",
+    "cartesia": "voicemesh.tts.providers.cartesia:CartesiaTtsProvider",
     "fake": "voicemesh.tts.providers.fake:FakeTtsProvider",  # scripted, for tests and the bench
 }
 MAX_TEXT_CHARS = 20_000  # per call; a turn's reply is far shorter
@@ -68,6 +73,7 @@ class TtsServicer(ServicerBase, tts_pb2_grpc.TtsServiceServicer):
     async def _speak(self, work: asyncio.Queue, wire_format: common_pb2.AudioFormat, base: SynthesisRequest, span):
         clock = _AudioClock()
         spoken: dict[int, list[str]] = {}
+        words: dict[int, list[tts_pb2.SpokenWord]] = {}  # from providers that report word boundaries
         all_spoken: list[str] = []
         first_text_at: float | None = None
         while (sentence := await work.get()) is not None:
@@ -82,10 +88,15 @@ class TtsServicer(ServicerBase, tts_pb2_grpc.TtsServiceServicer):
                 # One resampler per sentence, flushed at its end, so no audio is held back.
                 outbound = OutboundAudio(wire_format, self.provider.sample_rate_hz, "Synthesize")
                 request = SynthesisRequest(text=text, voice=base.voice, language=base.language, speed=base.speed)
+                sentence_start_ms = clock.segment_ms.get(segment, 0.0)  # word times are the segment's
                 held = None  # one chunk is held back so the resampler's tail joins the last one
                 # aclosing: a cancelled call stops the provider at once (kills espeak, frees hibari).
                 async with contextlib.aclosing(self.provider.synthesize(request)) as audio:
                     async for pcm in audio:
+                        if isinstance(pcm, WordMark):
+                            start_ms = int(sentence_start_ms + pcm.start_ms)
+                            words.setdefault(segment, []).append(tts_pb2.SpokenWord(text=pcm.text, start_ms=start_ms))
+                            continue
                         if held is not None and (data := outbound.convert(np.frombuffer(held, dtype="<i2"))):
                             yield clock.chunk(segment, data, outbound.bytes_per_second())
                         if clock.seq == 0 and held is None:
@@ -99,6 +110,7 @@ class TtsServicer(ServicerBase, tts_pb2_grpc.TtsServiceServicer):
                         segment_id=segment,
                         spoken_text=" ".join(spoken.pop(segment, [])),
                         audio_duration_ms=int(clock.segment_ms.pop(segment, 0.0)),
+                        words=words.pop(segment, []),
                     )
                 )
 

@@ -20,12 +20,22 @@ class SynthesisRequest:
     speed: float = 1.0
 
 
+@dataclass(frozen=True)
+class WordMark:
+    """A word boundary, from providers that report them (Azure, ElevenLabs, Cartesia, Polly
+    speech marks): the word and where it starts, in ms from this synthesis' first sample."""
+
+    text: str
+    start_ms: float
+
+
 class TtsProvider(Provider):
     sample_rate_hz: int  # native output rate; the servicer resamples to what the caller asked
 
     @abc.abstractmethod
-    def synthesize(self, request: SynthesisRequest) -> AsyncIterator[bytes]:
-        """PCM16 mono chunks at `sample_rate_hz`, first chunk as early as possible."""
+    def synthesize(self, request: SynthesisRequest) -> AsyncIterator[bytes | WordMark]:
+        """PCM16 mono chunks at `sample_rate_hz`, first chunk as early as possible; WordMarks
+        between them where the provider gives word boundaries."""
 
     def voices(self) -> list[str]:
         """Voices this provider can speak with."""
