@@ -35,6 +35,7 @@ SERVICES = {
     "orchestrator": ("voicemesh-orchestrator", MODEL_RUNTIMES | {"aiortc", "aiohttp"}),
     "transport": ("voicemesh-transport", MODEL_RUNTIMES),
 }
+CLOUD_SDKS = {"azure-cognitiveservices-speech", "boto3", "botocore", "openai", "nvidia-riva-client"}
 PIP = ["-m", "pip", "--disable-pip-version-check", "-q"]
 INSTALL_S = 900  # deadline for one environment's install (a cold pip cache on a slow machine)
 
@@ -185,7 +186,8 @@ def service_envs(wheels, tmp_path_factory) -> dict[str, Path]:
 def test_a_service_environment_holds_only_what_it_needs(service_envs, kind):
     python = service_envs[kind]
     installed = _installed(python)
-    forbidden = SERVICES[kind][1] & installed
+    # A default install carries no cloud SDK, and never the proprietary Azure Speech SDK.
+    forbidden = (SERVICES[kind][1] | CLOUD_SDKS) & installed
     assert not forbidden, f"the {kind} environment holds {sorted(forbidden)}"
     assert {"voicemesh-runtime", "voicemesh-protos", f"voicemesh-{kind}"} <= installed
     others = {f"voicemesh-{other}" for other in SERVICES if other != kind} | {"voicemesh-client", "voicemesh-cli"}
@@ -194,6 +196,11 @@ def test_a_service_environment_holds_only_what_it_needs(service_envs, kind):
           f"import voicemesh.{kind}.service; import voicemesh.v1.{kind if kind != 'transport' else 'transport'}_pb2"])
     listing = _run([python.parent / "voicemesh-serve", "--help"]).stdout
     assert kind in listing  # the service registered itself with the runtime
+    cloud = {"stt": "riva", "tts": "polly", "llm": "openai"}.get(kind)
+    if cloud:  # a provider whose extra is not installed says which extra to install
+        missing = subprocess.run([str(python.parent / "voicemesh-serve"), kind, "--provider", cloud, "--help"],
+                                 capture_output=True, text=True, timeout=INSTALL_S)
+        assert missing.returncode != 0 and f"pip install 'voicemesh-{kind}[{cloud}]'" in missing.stderr, missing.stderr
 
 
 @pytest.mark.packaging

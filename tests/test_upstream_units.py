@@ -27,16 +27,18 @@ class _Settings:
     speed: float = 1.0
 
 
-def test_settings_come_from_provider_env_then_kind_env_then_flags(monkeypatch):
-    monkeypatch.setenv("VOICEMESH_STT_ENDPOINT", "kind-wide:1")
+def test_settings_come_from_the_provider_env_then_flags(monkeypatch):
+    monkeypatch.setenv("VOICEMESH_STT_ENDPOINT", "kind-wide:1")  # not the provider's: ignored
     monkeypatch.setenv("VOICEMESH_STT_RIVA_USE_TLS", "false")
-    monkeypatch.setenv("VOICEMESH_STT_SAMPLE_RATE_HZ", "8000")
+    monkeypatch.setenv("VOICEMESH_STT_RIVA_SAMPLE_RATE_HZ", "8000")
     settings = load_settings("stt", "riva", _Settings, {"speed": "1.5"})
-    assert settings == _Settings(endpoint="kind-wide:1", use_tls=False, sample_rate_hz=8000, speed=1.5)
+    assert settings == _Settings(use_tls=False, sample_rate_hz=8000, speed=1.5)
     monkeypatch.setenv("VOICEMESH_STT_RIVA_ENDPOINT", "riva-only:2")
     assert load_settings("stt", "riva", _Settings).endpoint == "riva-only:2"
-    assert load_settings("stt", "deepgram", _Settings).endpoint == "kind-wide:1"  # another provider: the kind's
+    assert load_settings("stt", "deepgram", _Settings).endpoint == _Settings().endpoint  # one provider's stays its own
     assert load_settings("stt", "riva", _Settings, {"endpoint": "flag:3"}).endpoint == "flag:3"
+    monkeypatch.setenv("VOICEMESH_LLM_AZURE_OPENAI_ENDPOINT", "azure:4")
+    assert load_settings("llm", "azure-openai", _Settings).endpoint == "azure:4"
 
 
 def test_bad_settings_say_which_variable(monkeypatch):

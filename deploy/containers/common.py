@@ -39,9 +39,13 @@ SERVICES = {
     s.kind: s
     for s in (
         Service("vad", "services/vad", "voicemesh-vad", ("silero",), models=True, ports=(50052,)),
-        Service("stt", "services/stt", "voicemesh-stt", ("whisper",), models=True, ports=(50053,)),
-        Service("llm", "services/llm", "voicemesh-llm", ("llamacpp",), models=True, ports=(50054,)),
-        Service("tts", "services/tts", "voicemesh-tts", ("hibari",), ports=(50055,)),  # hibari's voice is in its wheel
+        # Each image carries its embedded provider and every cloud provider but Azure Speech (its
+        # SDK is proprietary: docs/licences.md), so a provider swap is an env change, not an image.
+        Service("stt", "services/stt", "voicemesh-stt", ("whisper", "riva", "aws", "deepgram"), models=True, ports=(50053,)),
+        Service("llm", "services/llm", "voicemesh-llm", ("llamacpp", "openai", "azure-openai", "bedrock"), models=True,
+                ports=(50054,)),
+        # hibari's voice is in its wheel
+        Service("tts", "services/tts", "voicemesh-tts", ("hibari", "riva", "polly", "elevenlabs", "cartesia"), ports=(50055,)),
         Service("orchestrator", "orchestrator", "voicemesh-orchestrator", ports=(50051,)),
         Service("transport", "services/transport", "voicemesh-transport", ports=(50056, 8080)),
     )

@@ -86,4 +86,9 @@ def grpc_channel_options(max_message_bytes: int = 4 << 20) -> list[tuple[str, ob
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.enable_retries", 1),
+        # A backend redeployed (a rollout, a provider swap) is found again within seconds, not
+        # after gRPC's default reconnect backoff of up to two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 5000),
     ]

@@ -64,12 +64,16 @@ def _provider_settings_class(args: argparse.Namespace):
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Two passes: the first finds the kind and provider, the second knows that provider's flags
     (`voicemesh-serve stt --provider riva --help` lists Riva's)."""
-    known, _ = parser.parse_known_args(argv)
+    # The first pass must not act on --help: that is answered once the provider's flags are in.
+    first = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg not in ("-h", "--help")]
+    known, _ = parser.parse_known_args(first)
     settings_class = _provider_settings_class(known) if getattr(known, "kind", None) else None
     if settings_class is not None:
-        group = parser.add_argument_group(f"{known.kind} provider settings (env VOICEMESH_{known.kind.upper()}_<NAME>)")
+        provider = ServeSettings.load(known.kind, {"provider": known.provider}).provider
+        qualified = f"VOICEMESH_{known.kind.upper()}_{provider.upper().replace('-', '_')}_<NAME>"
+        group = parser.add_argument_group(f"{provider} settings (env {qualified})")
         for spec in fields(settings_class):
-            group.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"provider__{spec.name}", default=None,
+            group.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"provider__{spec.name}", metavar=spec.name.upper(), default=None,
                                help=spec.metadata.get("help"))
     return parser.parse_args(argv)
 

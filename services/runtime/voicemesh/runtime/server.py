@@ -92,7 +92,14 @@ def load_provider_class(providers: dict[str, str], name: str, kind: str) -> type
     if name not in providers:
         raise SystemExit(f"unknown {kind} provider {name!r}; choose one of: {', '.join(sorted(providers))}")
     module, _, attr = providers[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as err:
+        if err.name and err.name.startswith("voicemesh."):
+            raise
+        # Each provider's SDK is an extra of its service, named like the provider.
+        raise SystemExit(f"the {name} {kind} provider needs its SDK: pip install 'voicemesh-{kind}[{name}]' "
+                         f"(missing: {err.name or err})") from None
 
 
 @dataclass(frozen=True)

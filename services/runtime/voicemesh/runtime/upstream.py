@@ -1,7 +1,7 @@
 """What every cloud provider shares: its settings, its secret, its errors, its retries.
 
 - Settings: a dataclass per provider (`Provider.settings_class`), read from
-  VOICEMESH_<KIND>_<PROVIDER>_<FIELD> or VOICEMESH_<KIND>_<FIELD> and from `--<field>` flags (`voicemesh-serve stt --provider riva
+  VOICEMESH_<KIND>_<PROVIDER>_<FIELD> and from `--<field>` flags (`voicemesh-serve stt --provider riva
   --help` lists them). Secrets are never settings: flags show in `ps`, and settings are logged.
 - Secrets: `read_secret` takes a mounted file first (a Kubernetes Secret volume), then the
   provider's own standard env vars. `Secret` never prints its value.
@@ -85,23 +85,22 @@ def _convert(raw: str, default: object, name: str, where: str) -> object:
     return raw
 
 
-def env_names(kind: str, provider: str, name: str) -> tuple[str, str]:
-    """VOICEMESH_<KIND>_<PROVIDER>_<FIELD> first (so one environment can hold the settings of
-    several providers, and swapping is VOICEMESH_<KIND>_PROVIDER alone), then VOICEMESH_<KIND>_<FIELD>."""
-    provider_part = provider.upper().replace("-", "_")
-    return f"VOICEMESH_{kind.upper()}_{provider_part}_{name.upper()}", f"VOICEMESH_{kind.upper()}_{name.upper()}"
+def env_name(kind: str, provider: str, name: str) -> str:
+    """VOICEMESH_<KIND>_<PROVIDER>_<FIELD>: qualified by the provider, so one environment (a
+    ConfigMap) holds the settings of several providers without one's voice or model reaching
+    another, and a swap is VOICEMESH_<KIND>_PROVIDER alone."""
+    return f"VOICEMESH_{kind.upper()}_{provider.upper().replace('-', '_')}_{name.upper()}"
 
 
 def load_settings(kind: str, provider: str, settings_class: type[S], overrides: dict[str, object] | None = None) -> S:
-    """Defaults, then env vars (`env_names`), then flags (`overrides`, None = unset)."""
+    """Defaults, then env vars (`env_name`), then flags (`overrides`, None = unset)."""
     values: dict[str, object] = {}
     for spec in fields(settings_class):
         default = spec.default if spec.default is not MISSING else ""
-        for env_name in env_names(kind, provider, spec.name):
-            raw = os.environ.get(env_name)
-            if raw not in (None, ""):
-                values[spec.name] = _convert(raw, default, spec.name, env_name)
-                break
+        variable = env_name(kind, provider, spec.name)
+        raw = os.environ.get(variable)
+        if raw not in (None, ""):
+            values[spec.name] = _convert(raw, default, spec.name, variable)
         override = (overrides or {}).get(spec.name)
         if override is not None:
             values[spec.name] = _convert(str(override), default, spec.name, f"--{spec.name.replace('_', '-')}")

@@ -52,7 +52,8 @@ class TtsServicer(ServicerBase, tts_pb2_grpc.TtsServiceServicer):
             voice = config.voice
             voices = self.provider.voices()
             if voice and voices and voice not in voices:
-                raise InvalidInput(f"Synthesize: unknown voice {voice!r}; available: {', '.join(voices)}")
+                listed = ", ".join(voices[:20]) + (f" and {len(voices) - 20} more (see Info)" if len(voices) > 20 else "")
+                raise InvalidInput(f"Synthesize: unknown voice {voice!r}; available: {listed}")
             speed = config.speed or 1.0
             if not 0.5 <= speed <= 2.0:
                 raise InvalidInput(f"Synthesize: speed {speed} is outside 0.5-2.0")

@@ -31,6 +31,14 @@ HINTS = {
     429: "too many concurrent requests or the quota is used up; retry later or raise the plan's limit",
 }
 
+REFUSALS = {  # what a refused WebSocket handshake means (its body is not readable through aiohttp)
+    400: "refused the request as invalid (a model, format or language it does not support?)",
+    401: "refused the API key",
+    403: "refused the API key for this call",
+    404: "does not know the voice or model asked for",
+    429: "refused the connection: too many concurrent requests or quota used up",
+}
+
 
 def ws_base(endpoint: str) -> str:
     """wss://host for https://host (ws:// for http://, a self-hosted proxy or a local fake)."""
@@ -55,8 +63,8 @@ async def connect(session: aiohttp.ClientSession, url: str, headers: dict[str, s
                                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0)),
             timeout_s)
     except aiohttp.WSServerHandshakeError as err:
-        raise http_error(provider, err.status, f"the WebSocket handshake was refused ({err.message})",
-                         HINTS.get(err.status, "")) from None
+        what = REFUSALS.get(err.status, "refused the connection")
+        raise http_error(provider, err.status, f"{host_of(url)} {what}", HINTS.get(err.status, "")) from None
     except asyncio.TimeoutError:
         raise DeadlineExceeded(f"{provider}: {host_of(url)} did not accept a connection within {timeout_s:.0f} s") from None
     except (aiohttp.ClientError, OSError) as err:
@@ -117,16 +125,34 @@ def classify(provider: str, text: str, status: int | None = None) -> StreamError
     return Unavailable(message)
 
 
-def close_error(provider: str, ws: aiohttp.ClientWebSocketResponse, what: str) -> StreamError:
-    """The socket closed before `what`: by the close code (1008 policy: by its reason) and reason."""
-    code = ws.close_code
-    reason = ""
-    if isinstance(exc := ws.exception(), Exception):
-        reason = str(exc)
-    reason = reason or getattr(ws, "_close_reason", "") or ""  # aiohttp keeps no public reason field
+def close_error(provider: str, code: int | None, reason: str, what: str) -> StreamError:
+    """The socket closed before `what`: by the close code (1008 policy violation: by its reason)."""
+    reason = (reason or "").strip()
     if code == 1008 and reason:
         return classify(provider, reason)
     detail = f"the connection closed before {what} (close code {code}{', ' + reason if reason else ''})"
     if code == 1008:
         return InvalidInput(f"{provider}: {detail}; the provider refused the request by policy")
     return Unavailable(f"{provider}: {detail}")
+
+
+async def receive_json(ws: aiohttp.ClientWebSocketResponse, provider: str, timeout_s: float, what: str) -> dict:
+    """The next JSON message; a close, a binary frame or silence past `timeout_s` raises."""
+    try:
+        msg = await ws.receive(timeout_s)
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded(f"{provider}: no message within {timeout_s:.0f} s while waiting for {what}") from None
+    if msg.type == aiohttp.WSMsgType.TEXT:
+        try:
+            data = json.loads(msg.data)
+        except ValueError:
+            raise Unavailable(f"{provider}: a message that is not JSON: {msg.data[:80]!r}") from None
+        if not isinstance(data, dict):
+            raise Unavailable(f"{provider}: a JSON message that is not an object: {msg.data[:80]!r}")
+        return data
+    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+        code = msg.data if msg.type == aiohttp.WSMsgType.CLOSE else ws.close_code
+        raise close_error(provider, code, msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else "", what)
+    if msg.type == aiohttp.WSMsgType.ERROR:
+        raise Unavailable(f"{provider}: the connection failed while waiting for {what}: {ws.exception()}")
+    raise Unavailable(f"{provider}: an unexpected {msg.type.name} message while waiting for {what}")
