@@ -73,8 +73,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
         qualified = f"VOICEMESH_{known.kind.upper()}_{provider.upper().replace('-', '_')}_<NAME>"
         group = parser.add_argument_group(f"{provider} settings (env {qualified})")
         for spec in fields(settings_class):
-            group.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"provider__{spec.name}", metavar=spec.name.upper(), default=None,
-                               help=spec.metadata.get("help"))
+            group.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"provider__{spec.name}", metavar=spec.name.upper(),
+                               default=None, help=spec.metadata.get("help"))
     return parser.parse_args(argv)
 
 
