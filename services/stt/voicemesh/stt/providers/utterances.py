@@ -77,7 +77,8 @@ class UtteranceSttStream(SttStream):
         self._total_ms = 0.0
         self._segment_start_ms = 0  # where audio not yet recognised begins
         self._current: _Utterance | None = None
-        self._order: asyncio.Queue = asyncio.Queue()  # utterances in finalize order, then _END
+        self._turns_marked = False  # the caller sends turn starts (the orchestrator does)
+        self._order: asyncio.Queue = asyncio.Queue()  # utterances in start (= finalize) order, then _END
         self._utterances: set[_Utterance] = set()
         self._closed = False
 
@@ -89,7 +90,7 @@ class UtteranceSttStream(SttStream):
         self._total_ms += len(pcm16) / self._bytes_per_ms
         excess = len(self._history) - HISTORY_MS * self._bytes_per_ms
         if excess > 0:
-            excess -= excess % 2
+            excess += -excess % self._bytes_per_ms  # whole ms, so _history_start_ms stays exact
             del self._history[:excess]
             self._history_start_ms += excess // self._bytes_per_ms
         if self._current is not None:
@@ -102,17 +103,31 @@ class UtteranceSttStream(SttStream):
         if self._current is not None:  # the user resumed: the same request goes on
             self._current.turn_id = turn_id or self._current.turn_id
             return
+        self._turns_marked = True
         self._start(turn_id, max(audio_offset_ms - self._preroll_ms, self._segment_start_ms))
 
     async def finalize(self) -> None:
         if self._closed:
             return
-        if self._current is None:  # finalize without turn_start: recognise the whole segment
+        if self._current is None and self._turns_marked:
+            # The caller marks its turns, and none is open: what came since the last finalize is
+            # not speech (the servicer's finalize at the end of the requests, say). An empty
+            # final, and no upstream request billed for that silence.
+            self._answer_empty()
+            return
+        if self._current is None:  # a caller that never marks turns: recognise the whole segment
             self._start("", self._segment_start_ms)
         utterance, self._current = self._current, None
         utterance.end_ms = int(self._total_ms)
         utterance.ended = True
         utterance.wake.set()
+        self._segment_start_ms = utterance.end_ms
+
+    def _answer_empty(self) -> None:
+        utterance = _Utterance("", int(self._total_ms))
+        utterance.end_ms = utterance.start_ms
+        for item in (_final([], utterance), SttEndOfUtterance(offset_ms=utterance.end_ms), _END):
+            utterance.out.put_nowait(item)
         self._segment_start_ms = utterance.end_ms
         self._order.put_nowait(utterance)
 
@@ -125,6 +140,9 @@ class UtteranceSttStream(SttStream):
         utterance.task = asyncio.create_task(self._run(utterance))
         self._utterances.add(utterance)
         self._current = utterance
+        # Read from now on, so its interims go out while the user speaks. Utterances never overlap
+        # (the next starts after this one's finalize), so start order is finalize order.
+        self._order.put_nowait(utterance)
 
     # --- one upstream request ------------------------------------------------------------
     async def _run(self, utterance: _Utterance) -> None:
@@ -140,6 +158,8 @@ class UtteranceSttStream(SttStream):
                 if result.is_final:
                     finals.append(shifted)
                     shifted = replace(shifted, is_final=False, stability=1.0, text=_joined(finals))
+                elif finals:  # an interim covers the audio after the last final: the text so far is both
+                    shifted = replace(shifted, text=_joined([*finals, shifted]), start_ms=finals[0].start_ms)
                 if self._config.interim_results and shifted.text:
                     utterance.out.put_nowait(shifted)
             await sender
@@ -160,6 +180,15 @@ class UtteranceSttStream(SttStream):
 
     @staticmethod
     async def _send(utterance: _Utterance, upstream: UpstreamRecognition) -> None:
+        try:
+            await UtteranceSttStream._send_all(utterance, upstream)
+        except Exception:
+            with contextlib.suppress(Exception):  # so that results() ends and _run reports this error
+                await upstream.cancel()
+            raise
+
+    @staticmethod
+    async def _send_all(utterance: _Utterance, upstream: UpstreamRecognition) -> None:
         while True:
             if utterance.pending:  # all that queued while the last send was in flight, in one message
                 chunk = bytes(utterance.pending)
@@ -209,6 +238,7 @@ async def _cancel(utterance: _Utterance) -> None:
         utterance.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await utterance.task
+    utterance.out.put_nowait(_END)  # a task cancelled before it ever ran has not put its own
 
 
 def _joined(finals: list[SttTranscript]) -> str:
