@@ -109,10 +109,10 @@ class UtteranceSttStream(SttStream):
     async def finalize(self) -> None:
         if self._closed:
             return
-        if self._current is None and self._turns_marked:
-            # The caller marks its turns, and none is open: what came since the last finalize is
-            # not speech (the servicer's finalize at the end of the requests, say). An empty
-            # final, and no upstream request billed for that silence.
+        if self._current is None and (self._turns_marked or self._total_ms - self._segment_start_ms < 1):
+            # The caller marks its turns and none is open, so what came since the last finalize is
+            # not speech (the servicer's finalize at the end of the requests, say), or nothing
+            # came at all: an empty final, and no upstream request billed for it.
             self._answer_empty()
             return
         if self._current is None:  # a caller that never marks turns: recognise the whole segment
