@@ -313,6 +313,17 @@ async def test_a_send_failure_ends_the_utterance_with_it(opener):
     await stream.abort()
 
 
+async def test_a_request_the_provider_ends_early_is_an_error_not_lost_audio(opener):
+    stream = stream_of(opener)
+    await stream.turn_start("t1", 0)
+    upstream = await opener.nth(0)
+    await stream.push_audio(ramp(0, 300))
+    upstream.answer(interim("so far"), _DONE)  # the provider closes the request mid-utterance
+    with pytest.raises(Unavailable, match="ended the recognition in the middle of an utterance"):
+        await asyncio.wait_for(collect(stream), WAIT_S)
+    await stream.abort()
+
+
 async def test_nothing_is_sent_between_utterances(opener):
     stream = stream_of(opener, interim_results=False)
     await stream.turn_start("a", 0)

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     from voicemesh.runtime import models, serve
 
     if argv and argv[0] == "serve":  # its flags depend on the provider chosen: its own parser
-        serve_parser = argparse.ArgumentParser(prog="voicemesh serve", description="Run one voicemesh service.")
+        serve_parser = argparse.ArgumentParser(prog="voicemesh serve", description="Run one voicemesh service.",
+                                               allow_abbrev=False)
         serve.add_arguments(serve_parser)
         return serve.serve(serve.parse(serve_parser, argv[1:]))
 

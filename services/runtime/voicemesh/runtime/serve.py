@@ -90,7 +90,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
-    parser = argparse.ArgumentParser(prog="voicemesh-serve", description="Run one voicemesh service.")
+    # No abbreviations: a provider's flag may be a prefix of a shared one (--probe of --probe-seconds).
+    parser = argparse.ArgumentParser(prog="voicemesh-serve", description="Run one voicemesh service.", allow_abbrev=False)
     add_arguments(parser)
     return serve(parse(parser, argv))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode, urlsplit
@@ -205,7 +206,9 @@ class TranscribeSttProvider(SttProvider):
         self.settings = settings or TranscribeSettings()
         try:
             self._session = botocore.session.Session(profile=self.settings.profile or None)
-            self.region = self.settings.region or self._session.get_config_variable("region") or "us-east-1"
+            # AWS_REGION too: the variable the other AWS SDKs (and Lambda, ECS) set; botocore reads only its own.
+            self.region = (self.settings.region or os.environ.get("AWS_REGION") or self._session.get_config_variable("region")
+                           or "us-east-1")
             # At startup, like every provider's credential: a missing one stops the process here.
             self._credentials = self._session.get_credentials()
         except BotoCoreError as err:  # e.g. the profile is not in the shared files

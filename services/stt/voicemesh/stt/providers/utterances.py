@@ -22,6 +22,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
+from voicemesh.runtime.errors import Unavailable
 from voicemesh.runtime.upstream import open_with_retry
 from voicemesh.stt.providers.base import SttEndOfUtterance, SttResult, SttStream, SttStreamConfig, SttTranscript, Word
 
@@ -162,6 +163,11 @@ class UtteranceSttStream(SttStream):
                     shifted = replace(shifted, text=_joined([*finals, shifted]), start_ms=finals[0].start_ms)
                 if self._config.interim_results and shifted.text:
                     utterance.out.put_nowait(shifted)
+            if not utterance.ended:  # the request closed while the user still spoke
+                if sender.done():
+                    await sender  # a failed send closed it: that failure is the reason
+                raise Unavailable(f"{self._what}: the provider ended the recognition in the middle of an utterance; "
+                                  "the audio after that was not recognised")
             await sender
             finished = True
             utterance.out.put_nowait(_final(finals, utterance))

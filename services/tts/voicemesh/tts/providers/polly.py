@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -160,7 +161,8 @@ class PollyTtsProvider(TtsProvider):
         if credentials is None:
             raise SystemExit(f"{WHAT}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                              "AWS_PROFILE, or run with a container/instance role")
-        self.region = self.settings.region or self._session.region_name or "us-east-1"
+        # AWS_REGION too: the variable the other AWS SDKs (and Lambda, ECS) set; boto3 reads only its own.
+        self.region = self.settings.region or os.environ.get("AWS_REGION") or self._session.region_name or "us-east-1"
         self._config = Config(retries={"total_max_attempts": max(self.settings.max_attempts, 1), "mode": "standard"},
                               connect_timeout=self.settings.connect_timeout_s, read_timeout=self.settings.read_timeout_s,
                               max_pool_connections=self.settings.max_concurrent)
