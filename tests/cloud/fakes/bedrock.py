@@ -129,7 +129,6 @@ class FakeBedrock(FakeProvider):
 
     def env(self) -> dict[str, str]:
         """What a voicemesh LLM service needs to use this fake (credentials: conftest.DUMMY_AWS)."""
-        # The model explicitly: VOICEMESH_LLM_MODEL, its fallback, may hold llama.cpp's GGUF path.
         return {"VOICEMESH_LLM_BEDROCK_ENDPOINT": self.endpoint, "VOICEMESH_LLM_BEDROCK_MODEL": MODELS[0]}
 
     # --- failures on demand ------------------------------------------------------------------
