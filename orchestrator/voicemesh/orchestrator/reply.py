@@ -10,6 +10,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import grpc
+
 from voicemesh.orchestrator import events
 from voicemesh.orchestrator.clients import ServiceClients
 from voicemesh.orchestrator.context import ConversationContext
@@ -20,6 +22,21 @@ from voicemesh.orchestrator.turn_events import Turn
 from voicemesh.runtime import telemetry
 from voicemesh.runtime.sentences import SentenceAggregator
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, tts_pb2
+
+
+async def _write(call, message) -> None:
+    """Write to a call; if the service has already ended the call, raise its own status. A write
+    to an ended grpc.aio call fails with "INTERNAL: Internal error from Core", which would hide
+    the service's reason (UNAVAILABLE: no healthy upstream, RESOURCE_EXHAUSTED, ...)."""
+    try:
+        await call.write(message)
+    except grpc.aio.AioRpcError:
+        if not call.done():
+            raise
+        code, details = await call.code(), await call.details()
+        if code == grpc.StatusCode.OK:
+            raise
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details) from None
 
 
 @dataclass
@@ -81,10 +98,10 @@ class BotReply:
         """Speak fixed text (greeting, say, re-prompt): TTS only."""
         tts_call = self.clients.tts.Synthesize(metadata=self._metadata())
         try:
-            await tts_call.write(self._tts_config())
+            await _write(tts_call, self._tts_config())
             self._tts_text_sent_at = time.monotonic()
             self.turn.tts_characters += len(text)
-            await tts_call.write(_piece(1, text))
+            await _write(tts_call, _piece(1, text))
             await tts_call.done_writing()
             await self._play(tts_call)
         finally:
@@ -107,8 +124,8 @@ class BotReply:
             )
             # The LLM request first: it is on the critical path; TTS is set up while the LLM thinks.
             # The request stream stays open: tool results go back on it (see _write_sentences).
-            await llm_call.write(llm_pb2.GenerateRequest(chat=chat))
-            await tts_call.write(self._tts_config())
+            await _write(llm_call, llm_pb2.GenerateRequest(chat=chat))
+            await _write(tts_call, self._tts_config())
             speaker = asyncio.ensure_future(self._play(tts_call))
             try:
                 await self._write_sentences(llm_call, tts_call)
@@ -140,7 +157,7 @@ class BotReply:
                     segment_id += 1
                     self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
                     self.turn.tts_characters += len(sentence)
-                    await tts_call.write(_piece(segment_id, sentence))
+                    await _write(tts_call, _piece(segment_id, sentence))
             elif kind == "done":
                 usage = response.done.usage
                 self.turn.llm_usage = (usage.input_tokens, usage.output_tokens)
@@ -149,7 +166,7 @@ class BotReply:
             segment_id += 1
             self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
             self.turn.tts_characters += len(rest)
-            await tts_call.write(_piece(segment_id, rest))
+            await _write(tts_call, _piece(segment_id, rest))
         await llm_call.done_writing()
         await tts_call.done_writing()
 
@@ -162,7 +179,7 @@ class BotReply:
         results = await self.env.tools.run(calls, self.turn.number)
         for result, _ in results:
             context.set_tool_result(result.tool_call_id, result.content)
-            await llm_call.write(llm_pb2.GenerateRequest(tool_result=result))
+            await _write(llm_call, llm_pb2.GenerateRequest(tool_result=result))
 
     async def _play(self, tts_call) -> None:
         """Queue audio and 'spoken' markers for the caller, in order."""

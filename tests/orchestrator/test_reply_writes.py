@@ -1,0 +1,40 @@
+"""A write to a call the service has already ended reports the service's status, not the
+"Internal error from Core" grpc.aio raises for the write itself."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from voicemesh.orchestrator.reply import _write
+
+
+class _EndedCall:
+    def __init__(self, code: grpc.StatusCode, details: str, ended: bool = True):
+        self._code, self._details, self._ended = code, details, ended
+
+    async def write(self, message) -> None:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details="Internal error from Core")
+
+    def done(self) -> bool:
+        return self._ended
+
+    async def code(self) -> grpc.StatusCode:
+        return self._code
+
+    async def details(self) -> str:
+        return self._details
+
+
+async def test_the_service_status_replaces_the_write_error():
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _write(_EndedCall(grpc.StatusCode.UNAVAILABLE, "no healthy upstream"), object())
+    assert (raised.value.code(), raised.value.details()) == (grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+
+
+@pytest.mark.parametrize("call", [_EndedCall(grpc.StatusCode.OK, "", ended=True),
+                                  _EndedCall(grpc.StatusCode.UNAVAILABLE, "x", ended=False)])
+async def test_otherwise_the_write_error_stands(call):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _write(call, object())
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
