@@ -107,3 +107,16 @@ def test_turn_options_checked_against_the_derived_stop_wait(turn, vad, ok):
     else:
         with pytest.raises(InvalidInput):
             validate(config)
+
+
+@pytest.mark.parametrize("config, message", [
+    (pb.SessionConfig(tools=pb.ToolOptions(timeout_secs=float("nan"))), "tools.timeout_secs must be a finite number"),
+    (pb.SessionConfig(lifecycle=pb.LifecycleOptions(idle_timeout_secs=float("inf"))), "lifecycle.idle_timeout_secs"),
+    (pb.SessionConfig(vad=pb.VadOptions(stop_secs=float("-inf"))), "vad.stop_secs must be a finite number"),
+    (pb.SessionConfig(llm_params=llm_pb2.GenerationParams(max_tokens=5000)), "max_tokens 5000 is above the limit of 4096"),
+    (pb.SessionConfig(llm_params=llm_pb2.GenerationParams(temperature=3.0)), "temperature 0-2, top_p 0-1"),
+    (pb.SessionConfig(llm_params=llm_pb2.GenerationParams(top_p=float("nan"))), "llm_params.top_p must be a finite number"),
+])
+def test_config_numbers_that_would_never_fire_or_fail_later_are_refused(config, message):
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(config)

@@ -1,6 +1,8 @@
 """A Converse call's SessionConfig: its audio formats, the defaults derived from it, and its checks."""
 from __future__ import annotations
 
+import math
+
 from voicemesh.runtime.audio import validate_format
 from voicemesh.runtime.errors import InvalidInput
 from voicemesh.runtime.turn_defaults import MAX_SILENCE_LIMIT_SECS, MAX_SILENCE_SECS, PLAIN_STOP_SECS, SMART_TURN_STOP_SECS
@@ -30,7 +32,31 @@ def smart_turn_and_stop_secs(config: pb.SessionConfig) -> tuple[bool, float]:
     return smart_turn, config.vad.stop_secs or (SMART_TURN_STOP_SECS if smart_turn else PLAIN_STOP_SECS)
 
 
+MAX_TOKENS_LIMIT = 4096  # the LLM service's own limit: refused here, before SessionStarted
+
+
+def _finite_floats(message, path: str = "") -> list[str]:
+    """Names of the float fields in `message` (nested) that hold NaN or an infinity: every range
+    check below passes NaN silently, and a NaN timeout never fires."""
+    bad = []
+    for field, value in message.ListFields():
+        name = f"{path}{field.name}"
+        if field.type == field.TYPE_MESSAGE and not field.is_repeated:
+            bad += _finite_floats(value, name + ".")
+        elif field.type in (field.TYPE_FLOAT, field.TYPE_DOUBLE) and not field.is_repeated:
+            if not math.isfinite(value):
+                bad.append(name)
+    return bad
+
+
 def validate(config: pb.SessionConfig) -> None:
+    if bad := _finite_floats(config):
+        raise InvalidInput(f"Converse: {', '.join(bad)} must be a finite number")
+    params = config.llm_params
+    if params.max_tokens > MAX_TOKENS_LIMIT:
+        raise InvalidInput(f"Converse: llm_params.max_tokens {params.max_tokens} is above the limit of {MAX_TOKENS_LIMIT}")
+    if (params.HasField("temperature") and not 0 <= params.temperature <= 2) or not 0 <= params.top_p <= 1:
+        raise InvalidInput("Converse: llm_params out of range (temperature 0-2, top_p 0-1)")
     vad, turn = config.vad, config.turn
     if not (0 <= vad.confidence <= 1 and 0 <= vad.min_volume <= 1 and 0 <= vad.start_secs <= 5 and 0 <= vad.stop_secs <= 10):
         raise InvalidInput("Converse: vad options out of range (confidence, min_volume 0-1; start_secs 0-5; stop_secs 0-10)")

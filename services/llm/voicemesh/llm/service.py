@@ -35,6 +35,7 @@ PROVIDERS = {
 ROLES = {"system", "user", "assistant", "tool"}
 MAX_TOOL_ROUNDS = 8  # a model that keeps calling tools must not loop forever
 MAX_TOKENS_LIMIT = 4096
+MAX_TEMPERATURE = 2.0  # OpenAI's and Bedrock's upper bound; llama.cpp takes any
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FINISH = {"stop": llm_pb2.FINISH_REASON_STOP, "length": llm_pb2.FINISH_REASON_LENGTH}
 
@@ -70,6 +71,11 @@ def parse_chat(chat: llm_pb2.ChatRequest) -> tuple[list[ChatTurn], list[ToolSpec
     wire = chat.params
     if wire.max_tokens > MAX_TOKENS_LIMIT:
         raise InvalidInput(f"Generate: max_tokens {wire.max_tokens} is above the limit of {MAX_TOKENS_LIMIT}")
+    # NaN or inf would reach the provider's sampler (a C library, or a cloud API that answers 400).
+    if wire.HasField("temperature") and not 0 <= wire.temperature <= MAX_TEMPERATURE:
+        raise InvalidInput(f"Generate: temperature {wire.temperature} is outside 0-{MAX_TEMPERATURE:g}")
+    if not 0 <= wire.top_p <= 1:
+        raise InvalidInput(f"Generate: top_p {wire.top_p} is outside 0-1 (0: the default)")
     defaults = GenerationParams()
     params = GenerationParams(
         max_tokens=wire.max_tokens or defaults.max_tokens,

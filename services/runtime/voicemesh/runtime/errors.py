@@ -6,10 +6,12 @@ matching gRPC status so only that stream ends and the process keeps serving.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from voicemesh.runtime import telemetry
 
@@ -95,6 +97,8 @@ def status_of(err: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
         log.debug("%s closed before its first message", what)
         return err.code, err.message
     counters = _stream_metrics()
+    if isinstance(err, DecodeError):  # gRPC raises it in the handler's request iterator: the caller's bytes
+        err = InvalidInput(f"{what}: a request is not a valid protobuf message ({err})")
     if isinstance(err, StreamError):
         log.info("%s rejected: %s %s", what, err.code.name, err.message)
         counters.errors.add(1, {"rpc": what, "code": err.code.name})
@@ -141,3 +145,43 @@ async def first_message(request_iterator, config_field: str, rpc: str):
             f"send the {config_field} before any other message"
         )
     return getattr(first, config_field)
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """gRPC parses a unary request before any handler runs and answers UNKNOWN ("Unexpected
+    DecodeError") when the bytes are not the method's message; this parses them inside the
+    handler instead, so the caller gets INVALID_ARGUMENT. Streamed requests are parsed in the
+    handler's request iterator already (status_of maps their DecodeError)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        async def parsed(raw, context):
+            try:
+                return parse(raw)
+            except DecodeError as err:
+                log.info("%s rejected: INVALID_ARGUMENT malformed request (%s)", method, err)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request is not a valid protobuf message")
+
+        if handler.response_streaming:
+            behavior = handler.unary_stream
+
+            async def unary_stream(raw, context):
+                result = behavior(await parsed(raw, context), context)
+                if hasattr(result, "__aiter__"):
+                    async for response in result:
+                        yield response
+                else:  # a handler that writes with context.write
+                    await result
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)
+        behavior = handler.unary_unary
+
+        async def unary_unary(raw, context):
+            result = behavior(await parsed(raw, context), context)
+            return await result if inspect.isawaitable(result) else result
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)

@@ -49,6 +49,9 @@ def segmenter_params(config: vad_pb2.VadConfig, smart_turn_available: bool) -> S
         raise InvalidInput("Detect: smart_turn_threshold must be in (0, 1]")
     if params.smart_turn and not params.stop_secs <= params.max_silence_secs <= MAX_SILENCE_LIMIT_SECS:
         raise InvalidInput(f"Detect: max_silence_secs must be at least stop_secs and at most {MAX_SILENCE_LIMIT_SECS:g}")
+    # Without Smart Turn the segmenter still sizes its silence fallback from it: NaN or inf would fail there.
+    if not 0 < params.max_silence_secs <= MAX_SILENCE_LIMIT_SECS:
+        raise InvalidInput(f"Detect: max_silence_secs must be in (0, {MAX_SILENCE_LIMIT_SECS:g}]")
     return params
 
 
