@@ -4,10 +4,9 @@ from __future__ import annotations
 import asyncio
 import os
 
-import grpc
-
 from voicemesh.orchestrator.mux import StreamMultiplexer
 from voicemesh.runtime.config import DEFAULT_PORTS, grpc_channel_options
+from voicemesh.runtime.tls import BACKEND_PREFIX, ChannelTls, aio_channel
 from voicemesh.v1 import llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc, vad_pb2, vad_pb2_grpc
 
 SERVICE_KINDS = ("vad", "stt", "llm", "tts")
@@ -22,9 +21,10 @@ def service_address(kind: str) -> str:
 class ServiceClients:
     def __init__(self, addresses: dict[str, str] | None = None):
         self.addresses = addresses or {kind: service_address(kind) for kind in SERVICE_KINDS}
+        # TLS (mTLS with a client certificate) when VOICEMESH_BACKEND_TLS_* is set (voicemesh.runtime.tls).
+        self.tls = ChannelTls.from_env(BACKEND_PREFIX)
         self.channels = {
-            kind: grpc.aio.insecure_channel(address, options=grpc_channel_options())
-            for kind, address in self.addresses.items()
+            kind: aio_channel(address, grpc_channel_options(), self.tls) for kind, address in self.addresses.items()
         }
         self.vad = vad_pb2_grpc.VadServiceStub(self.channels["vad"])
         self.stt = stt_pb2_grpc.SttServiceStub(self.channels["stt"])

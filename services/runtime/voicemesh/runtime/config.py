@@ -36,6 +36,14 @@ class ServeSettings:
     max_concurrent_streams: int = field(default=1000, metadata={"help": "HTTP/2 streams per connection"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_format: str = field(default="json", metadata={"help": "json (structured) or text"})
+    # Auth and TLS (docs/security.md). Paths of files, so a mounted Secret can hold them.
+    api_keys_file: str = field(default="", metadata={"help": "SHA-256 digests of the API keys callers may use, one a line "
+                                                             "(orchestrator; unset: open)"})
+    tls_cert_file: str = field(default="", metadata={"help": "PEM certificate (chain) to serve TLS with"})
+    tls_key_file: str = field(default="", metadata={"help": "PEM private key of tls_cert_file"})
+    tls_client_ca_file: str = field(default="", metadata={"help": "PEM CA that client certificates must chain to (mTLS)"})
+    health_port: int = field(default=0, metadata={"help": "also serve gRPC health alone, plaintext, on this port "
+                                                          "(for kubelet probes of a TLS port); 0: no"})
     # The provider's own flags (--endpoint, --model, ...), name -> raw value; not a flag itself.
     provider_options: dict = field(default_factory=dict, metadata={"flag": False})
 

@@ -32,9 +32,9 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from voicemesh.runtime import telemetry
+from voicemesh.runtime import auth, telemetry, tls
 from voicemesh.runtime.config import ServeSettings, grpc_server_options
-from voicemesh.runtime.errors import Unavailable
+from voicemesh.runtime.errors import MalformedRequests, Unavailable
 from voicemesh.runtime.logs import setup_logging
 from voicemesh.runtime.models import ModelSpec
 from voicemesh.runtime.provider import Provider, ProviderInfo
@@ -215,7 +215,10 @@ async def _watch_provider(provider: Provider, set_health, interval_s: float, sto
 
 async def serve_async(definition: ServiceDefinition, settings: ServeSettings) -> int:
     lifeline = take_lifeline()  # first, before the provider can start any subprocess
-    server = grpc.aio.server(options=grpc_server_options(settings))
+    # Auth (docs/security.md): the API key check, on the kinds that have protected methods.
+    interceptors = auth.server_interceptors(definition.kind, settings.api_keys_file, settings.host)
+    # After auth: a unary request that is not valid protobuf gets INVALID_ARGUMENT, not UNKNOWN (errors.py).
+    server = grpc.aio.server(options=grpc_server_options(settings), interceptors=[*interceptors, MalformedRequests()])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     servicer = definition.build(settings)
@@ -238,12 +241,22 @@ async def serve_async(definition: ServiceDefinition, settings: ServeSettings) ->
         await health_servicer.set(definition.service_name, status)
 
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(settings.address)
+    # TLS (mTLS with a client CA) when a certificate is set; plaintext otherwise, as before.
+    credentials = tls.server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    if credentials is not None:
+        port = server.add_secure_port(settings.address, credentials)
+    else:
+        port = server.add_insecure_port(settings.address)
     if port == 0:
         log.error("could not bind %s (in use?)", settings.address)
         return 2
+    health_server = await _health_only_server(settings, health_servicer)
+    if health_server is False:
+        return 2
     await server.start()
-    log.info("listening", extra={"address": f"{settings.host}:{port}", "provider": settings.provider})
+    log.info("listening", extra={"address": f"{settings.host}:{port}", "provider": settings.provider,
+                                 "tls": "off" if credentials is None else "mtls" if settings.tls_client_ca_file else "tls",
+                                 "api_keys": bool(interceptors)})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -279,10 +292,26 @@ async def serve_async(definition: ServiceDefinition, settings: ServeSettings) ->
     log.info("draining", extra={"grace_seconds": settings.grace_seconds})
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_seconds)
+    if health_server is not None:
+        await health_server.stop(0)
     await servicer.shutdown()
     telemetry.shutdown()  # spans and metrics of the drained streams leave before the exit
     log.info("stopped")
     return exit_code
+
+
+async def _health_only_server(settings: ServeSettings, health_servicer) -> grpc.aio.Server | None | bool:
+    """gRPC health alone, plaintext, on `health_port`: the kubelet's gRPC probe speaks no TLS, and
+    health says only SERVING or not. None when no port is set; False when it cannot bind."""
+    if not settings.health_port:
+        return None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"{settings.host}:{settings.health_port}") == 0:
+        log.error("could not bind the health port %s:%d (in use?)", settings.host, settings.health_port)
+        return False
+    await server.start()
+    return server
 
 
 def run(definition: ServiceDefinition, settings: ServeSettings) -> int:

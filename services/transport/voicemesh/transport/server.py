@@ -10,7 +10,9 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from voicemesh.runtime.auth import read_key
 from voicemesh.runtime.config import grpc_channel_options
+from voicemesh.runtime.tls import KeyedChannel, aio_channel
 from voicemesh.transport.events import CLOSE_GOING_AWAY, CLOSE_TRY_LATER
 from voicemesh.transport.settings import TransportSettings
 
@@ -66,7 +68,11 @@ class TransportServer:
     def build_app(self) -> web.Application:
         from voicemesh.transport import telnyx, twilio, webrtc, websocket
 
-        app = web.Application(client_max_size=self.settings.max_message_bytes)
+        from voicemesh.transport.callers import CallerAuth
+
+        # Caller auth (voicemesh.transport.callers) runs before every handler.
+        app = web.Application(client_max_size=self.settings.max_message_bytes,
+                              middlewares=[CallerAuth(self.settings).middleware])
         app["transport"] = self
         app.router.add_get("/", self._index)
         app.router.add_get("/healthz", self._health)
@@ -81,7 +87,11 @@ class TransportServer:
         from voicemesh.transport.webrtc import configure_ice
 
         configure_ice(self.settings)
-        self.channel = grpc.aio.insecure_channel(self.settings.orchestrator_addr, options=grpc_channel_options())
+        # TLS and this transport's own key toward the orchestrator (docs/security.md).
+        self.channel = aio_channel(self.settings.orchestrator_addr, grpc_channel_options(), self.settings.orchestrator_tls())
+        if self.settings.orchestrator_key_file:
+            key = read_key(self.settings.orchestrator_key_file, "transport: orchestrator_key_file")
+            self.channel = KeyedChannel(self.channel, key)
         self._runner = web.AppRunner(self.build_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port, reuse_port=False)

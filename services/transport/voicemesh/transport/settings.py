@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, fields
 
 from voicemesh.runtime.config import DEFAULT_PORTS, env_value
+from voicemesh.runtime.tls import ChannelTls
 
 DEFAULT_HTTP_PORT = 8080
 
@@ -34,6 +35,17 @@ class TransportSettings:
     twilio_api_base: str = "https://api.twilio.com"
     telnyx_api_key: str = ""
     telnyx_api_base: str = "https://api.telnyx.com"
+    # Security (docs/security.md). Callers: digests of the keys they may use (voicemesh.runtime.auth;
+    # unset: open), Twilio's signature required on /twilio, the URL callers use (for the signature).
+    api_keys_file: str = ""
+    twilio_verify_signature: bool = False
+    public_url: str = ""  # e.g. wss://voice.example.com; empty: rebuilt from each request
+    # Toward the orchestrator: this transport's own key (a file: a mounted Secret) and TLS.
+    orchestrator_key_file: str = ""
+    client_tls_ca_file: str = ""
+    client_tls_cert_file: str = ""  # with client_tls_key_file: mTLS
+    client_tls_key_file: str = ""
+    client_tls_server_name: str = ""
 
     @classmethod
     def load(cls) -> "TransportSettings":
@@ -41,7 +53,7 @@ class TransportSettings:
         for spec in fields(cls):
             raw = env_value("transport", spec.name)
             if raw is not None:
-                values[spec.name] = raw if isinstance(spec.default, str) else type(spec.default)(raw)
+                values[spec.name] = raw if isinstance(spec.default, str) else _convert(raw, spec.default, spec.name)
         # The orchestrator address follows the mesh convention VOICEMESH_ORCHESTRATOR_ADDR.
         if "orchestrator_addr" not in values and os.environ.get("VOICEMESH_ORCHESTRATOR_ADDR"):
             values["orchestrator_addr"] = os.environ["VOICEMESH_ORCHESTRATOR_ADDR"]
@@ -55,7 +67,19 @@ class TransportSettings:
             raise SystemExit("transport: max_connections >= 1, max_message_bytes >= 1024 and idle_timeout_seconds > 0 required")
         return settings
 
+    def orchestrator_tls(self) -> ChannelTls:
+        return ChannelTls(self.client_tls_ca_file, self.client_tls_cert_file, self.client_tls_key_file,
+                          self.client_tls_server_name)
+
     @property
     def http_url(self) -> str:
         host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
         return f"http://{host}:{self.http_port}"
+
+
+def _convert(raw: str, default: object, name: str) -> object:
+    if isinstance(default, bool):  # bool("false") is True
+        if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise SystemExit(f"transport: {name} must be true or false, got {raw!r}")
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return type(default)(raw)

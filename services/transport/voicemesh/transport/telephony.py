@@ -12,6 +12,7 @@ import logging
 import aiohttp
 import numpy as np
 
+from voicemesh.runtime.telemetry import content_enabled
 from voicemesh.transport import events
 from voicemesh.transport.events import CLOSE_BAD_DATA, CLOSE_POLICY, CLOSE_UNSUPPORTED, ProtocolError
 from voicemesh.transport.wsbase import WsSession
@@ -150,6 +151,8 @@ class TelephonySession(WsSession):
             self._marks_done.clear()
             await self.send_json(events.dumps(self.out_mark(name)))
         if (event := events.event_json(response)) is not None and event["type"] in ("user_transcript", "bot_text", "error"):
+            if event["type"] != "error" and not content_enabled():  # what was said stays out of logs too
+                event = {**event, "text": f"<{len(event.get('text', ''))} characters>"}
             log.info(event["type"], extra={"connection": self.connection.label, "event": event})
 
     async def on_session_over(self) -> None:

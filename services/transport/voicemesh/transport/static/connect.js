@@ -2,6 +2,11 @@
 // clearPlayback, close}. Loaded after app.js, whose helpers (onEvent, audio, stats) they use.
 "use strict";
 
+// The caller's key, when the transport requires one (docs/security.md): the page is opened as
+// /?token=<key>, and passes it on as the transport asks (a header for the offer; the query for
+// the WebSocket, which a browser cannot give headers).
+const callerToken = new URLSearchParams(location.search).get("token") || "";
+
 // -- WebRTC ----------------------------------------------------------------------------------
 
 function iceGathered(pc, timeoutMs) {
@@ -37,7 +42,7 @@ async function connectWebRTC(mic) {
   await iceGathered(pc, 3000);
   const reply = await fetch("/api/offer", {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", ...(callerToken ? { Authorization: `Bearer ${callerToken}` } : {}) },
     body: JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp, config: { interim_transcripts: true } }),
   });
   const answer = await reply.json().catch(() => ({ error: `HTTP ${reply.status}` }));
@@ -81,7 +86,8 @@ async function connectWebSocket(mic) {
   let nextTime = 0;
   let muted = false;
 
-  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  const query = callerToken ? `?token=${encodeURIComponent(callerToken)}` : "";
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws${query}`;
   const ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   await new Promise((resolve, reject) => {
