@@ -3,12 +3,15 @@
 `EffectRunner` is the part of a Session that feeds events to its TurnController and does
 what comes back, in order: stream writes, the reply tasks (a BotReply per turn, speculative
 ones behind a HeldPlayout), playout and tool calls, the context, timers, the lifecycle
-observers. It decides nothing: every `if` about turns is in turns.py.
+observers. It decides nothing about turns (every `if` about them is in turns.py), with one
+watchdog: a reply that makes no progress for REPLY_STALL_S (a hung LLM or TTS replica) is
+cancelled and reported as failed, so no turn waits forever.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import grpc
 
@@ -27,6 +30,32 @@ from voicemesh.runtime import telemetry
 from voicemesh.v1 import common_pb2, llm_pb2, stt_pb2, vad_pb2
 
 log = logging.getLogger("voicemesh.session")
+REPLY_STALL_ENV = "VOICEMESH_REPLY_STALL_SECS"
+REPLY_STALL_S = 15.0  # no audio, no text to the TTS, no tool call for this long: the reply has hung
+
+
+def reply_stall_s() -> float:
+    raw = os.environ.get(REPLY_STALL_ENV, "")
+    try:
+        value = float(raw) if raw else REPLY_STALL_S
+    except ValueError:
+        raise ValueError(f"{REPLY_STALL_ENV}={raw!r}: expected seconds") from None
+    return value if value > 0 else REPLY_STALL_S
+
+
+class _Progress:
+    """A ReplySink in front of the playout that counts what the reply delivers (the watchdog's pulse)."""
+
+    def __init__(self, sink, pulse):
+        self.sink, self.pulse = sink, pulse
+
+    def audio(self, message, seconds: float, turn_number: int) -> None:
+        self.pulse()
+        self.sink.audio(message, seconds, turn_number)
+
+    def marker(self, fire) -> None:
+        self.pulse()
+        self.sink.marker(fire)
 
 
 class EffectRunner:
@@ -52,6 +81,11 @@ class EffectRunner:
         self._speculations: dict[Speculation, tuple[HeldPlayout, asyncio.Task]] = {}
         self._timers: dict[tuple[str, Turn | None], asyncio.TimerHandle] = {}
         self._drain_task: asyncio.Future | None = None  # End's wait for the playout, cancelled at session end
+        self.stt_turn: Turn | None = None  # the last turn whose TurnContext went to the STT (replayed on a reopen)
+        self._reply_turn: Turn | None = None
+        self._pulse = 0  # bumped by whatever the reply in progress delivers
+        self._stall = (0, 0.0)  # (the reply's progress as last seen, when it last changed)
+        self._stall_s = reply_stall_s()
         self._handlers = {
             ev.Emit: lambda e: self.emit(events.response(e.event, e.fields)),
             ev.EmitError: self._error,
@@ -108,6 +142,7 @@ class EffectRunner:
             context = common_pb2.TurnContext(turn_id=turn.turn_id, turn_number=turn.number, audio_offset_ms=effect.offset_ms,
                                              trace=common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate))
             await self.vad_call.write(vad_pb2.DetectRequest(turn=context))  # its speech segment span joins the turn
+            self.stt_turn = turn
             await self.caller_audio.flush_stt()  # the STT hears the turn's pre-roll before its start
             await self.stt_call.write(stt_pb2.RecognizeRequest(turn_start=context))
         else:  # SendFinalize
@@ -120,6 +155,33 @@ class EffectRunner:
     def _error(self, effect: ev.EmitError) -> None:
         self.tracing.error(effect.code, effect.source)
         self.emit(events.error(effect.code, effect.message, effect.source))
+        if effect.source == "stt" and effect.code == "DEADLINE_EXCEEDED":  # a final given up: the STT call has hung
+            self.stt_call.abandon("DEADLINE_EXCEEDED", "a final transcript never came (the STT service is not answering)")
+
+    # ---- the reply watchdog --------------------------------------------------------------
+    def reply_progress(self) -> None:
+        self._pulse += 1
+
+    def _watch_reply(self, turn: Turn) -> None:
+        self._reply_turn = turn
+        self._stall = (-1, self.clock())
+
+    def check_reply(self) -> None:
+        """Called on every tick: a reply silent for REPLY_STALL_S (tool calls aside) has hung."""
+        task, turn = self.reply_task, self._reply_turn
+        if task is None or task.done() or turn is None or turn.ended:
+            return
+        now, mark = self.clock(), self._pulse + turn.tts_characters + len(turn.ttfb_ms)
+        if mark != self._stall[0] or self.tools.in_progress:
+            self._stall = (mark, now)
+            return
+        if now - self._stall[1] < self._stall_s:
+            return
+        task.cancel()
+        details = (f"no response from the LLM or TTS service for {self._stall_s:g} s ({REPLY_STALL_ENV}); "
+                   f"turn {turn.number} is given up")
+        log.warning("session %s: %s", self.session_id, details)
+        self.feed(ev.ReplyFailed(turn, "DEADLINE_EXCEEDED", details))
 
     def _open_calls(self, effect: ev.OpenReplyCalls) -> None:
         if effect.turn not in self._calls:
@@ -131,19 +193,21 @@ class EffectRunner:
             calls.cancel()
 
     def _start_reply(self, effect: ev.StartReply) -> None:
-        reply = BotReply(self.reply_env, self.playout, effect.turn)
+        reply = BotReply(self.reply_env, _Progress(self.playout, self.reply_progress), effect.turn)
         # The turn's calls stay open until it ends, so that ending it closes them even if the reply never ran.
         work = reply.run(self.context.snapshot(), self._calls.get(effect.turn))
         self.reply_task = asyncio.ensure_future(self._finish_reply(work, effect.turn))
+        self._watch_reply(effect.turn)
 
     def _start_bot_reply(self, effect: ev.StartBotReply) -> None:
-        reply = BotReply(self.reply_env, self.playout, effect.turn)
+        reply = BotReply(self.reply_env, _Progress(self.playout, self.reply_progress), effect.turn)
         if effect.text:
             work = reply.say(effect.text)
         else:
             extra = [llm_pb2.ChatMessage(role="user", content=effect.instruction)] if effect.instruction else []
             work = reply.run(self.context.snapshot(*extra))
         self.reply_task = asyncio.ensure_future(self._finish_reply(work, effect.turn))
+        self._watch_reply(effect.turn)
 
     def _speculate(self, effect: ev.Speculate) -> None:
         held = HeldPlayout(self.playout)
@@ -154,6 +218,7 @@ class EffectRunner:
 
     def _confirm(self, effect: ev.ConfirmSpeculation) -> None:
         held, self.reply_task = self._speculations.pop(effect.speculation)
+        self._watch_reply(effect.turn)
         self._close_calls(effect.turn)  # the speculation has its own
         held.release()  # its audio, already synthesised, starts playing now
 

@@ -30,7 +30,7 @@ async def _write(call, message) -> None:
     the service's reason (UNAVAILABLE: no healthy upstream, RESOURCE_EXHAUSTED, ...)."""
     try:
         await call.write(message)
-    except grpc.aio.AioRpcError:
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the latter: "RPC already finished"
         if not call.done():
             raise
         code, details = await call.code(), await call.details()
