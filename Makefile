@@ -36,6 +36,8 @@ help:
 	@echo "make test-busy      the suite 5 times with one core kept busy (RUNS=N); test-busy-e2e: e2e+tracing 20 times"
 	@echo "make wheels one wheel per distribution in build/wheels; make images: one container image per service"
 	@echo "make bench  benchmarks (15 min on 2 cores): bench/results/latest.{json,md}, plots"
+	@echo "make soak   100 sessions x 10 min with fakes: errors, RSS drift, p99 over time"
+	@echo "make fuzz   fuzz every RPC (10,000 cases; FUZZ_ARGS=--seed N repeats a run)"
 
 install: $(VENV)/.installed $(STUBS) models apt
 
@@ -127,6 +129,18 @@ $(BENCH_VENV)/.installed: bench/requirements.txt
 
 bench: install $(BENCH_VENV)/.installed
 	$(BIN)/voicemesh bench $(BENCH_ARGS)
+
+# Fuzz every RPC: at least 10,000 cases (the suite runs a bounded 2,000); report in
+# test-artifacts/fuzz-report.json; FUZZ_ARGS=--seed N repeats a run (docs/fuzzing.md).
+.PHONY: fuzz
+fuzz: install
+	$(BIN)/python tests/fuzz/run.py $(FUZZ_ARGS)
+
+# The soak: 100 sessions x 10 min with fakes; RSS of every process and p99 over time in
+# bench/results/soak-latest.{json,md,png}; exits 1 when a rule fails. Not part of make test.
+.PHONY: soak
+soak: install $(BENCH_VENV)/.installed
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean: clients-clean
 	rm -rf build $(VENV) $(BENCH_VENV) $(STUBS) protos/voicemesh/v1/*_pb2*.py* $(addsuffix /build,$(DISTS))
