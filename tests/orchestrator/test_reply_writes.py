@@ -2,6 +2,8 @@
 "Internal error from Core" grpc.aio raises for the write itself."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -26,9 +28,15 @@ class _EndedCall:
         return self._details
 
 
-async def test_the_service_status_replaces_the_write_error():
+@pytest.mark.parametrize("write_error", ["rpc", "finished"])
+async def test_the_service_status_replaces_the_write_error(write_error):
+    call = _EndedCall(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+    if write_error == "finished":
+        async def finished(message):
+            raise asyncio.InvalidStateError("RPC already finished.")
+        call.write = finished
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await _write(_EndedCall(grpc.StatusCode.UNAVAILABLE, "no healthy upstream"), object())
+        await _write(call, object())
     assert (raised.value.code(), raised.value.details()) == (grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
 
 
