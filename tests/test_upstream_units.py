@@ -113,6 +113,7 @@ class _RemoteProvider(Provider):
 
     def __init__(self):
         self.reasons: asyncio.Queue = asyncio.Queue()  # what each probe answers, in order
+        self.idle = asyncio.Event()  # every answer given and acted on: the next probe waits
 
     async def load(self) -> None:
         pass
@@ -121,30 +122,35 @@ class _RemoteProvider(Provider):
         return ProviderInfo(provider="remote", model="m")
 
     async def probe(self) -> str | None:
+        if self.reasons.empty():
+            self.idle.set()
         reason = await self.reasons.get()
+        self.idle.clear()
         if isinstance(reason, Exception):
             raise reason
         return reason
 
 
 async def test_health_follows_the_provider_probe():
+    """SERVING from the first passing probe; a serving replica needs two failures in a row to turn
+    NOT_SERVING (one blip ejects nobody); one pass brings it back; nothing is set without a change."""
     provider = _RemoteProvider()
     stop = asyncio.Event()
-    changes: asyncio.Queue = asyncio.Queue()
+    changes: list[int] = []
 
     async def set_health(status: int) -> None:
-        await changes.put(status)
+        changes.append(status)
 
-    watcher = asyncio.create_task(_watch_provider(provider, set_health, 0.0, stop))
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    answers = ["down at start", None, "blip", None, "bad key", "bad key", "still bad", None,
+               RuntimeError("connection refused"), "refused", None]
+    for answer in answers:
+        provider.reasons.put_nowait(answer)
+    watcher = asyncio.create_task(_watch_provider(provider, set_health, 0.0, stop))
     try:
-        for answer, expected in ((None, serving), ("bad key", not_serving), (None, serving),
-                                 (RuntimeError("connection refused"), not_serving)):
-            await provider.reasons.put(answer)
-            assert await asyncio.wait_for(changes.get(), 30) == expected, answer
-        await provider.reasons.put("still down")  # no change: health is set only when it changes
-        await provider.reasons.put(None)
-        assert await asyncio.wait_for(changes.get(), 30) == serving
+        await asyncio.wait_for(provider.idle.wait(), 30)
+        # down at start, up, a blip ignored, two bad keys in a row, back, two failures in a row, back
+        assert changes == [not_serving, serving, not_serving, serving, not_serving, serving], (answers, changes)
     finally:
         stop.set()
         await provider.reasons.put(None)

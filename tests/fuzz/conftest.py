@@ -3,14 +3,10 @@ module, and the healthy session that runs on it for the whole module."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # strategies, rpcs, harness
-
-from harness import FuzzMesh, HealthySession  # noqa: E402
+from fuzz.harness import FuzzMesh, HealthySession
 
 REPORT_ENV = "VOICEMESH_FUZZ_REPORT"  # where run.py wants the counts and findings (JSON)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rpcs import Rpc
+from fuzz.rpcs import Rpc
 from support import PCM16_16K, ConverseProbe, FakeScript, Processes, event_is, fake_mesh, silence, tone
 from voicemesh.v1 import orchestrator_pb2 as opb
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from strategies import FORMAT_HINTS, TEXT, TEXTS, garbage, one_of_payloads, pcm16, rpc_sequence, valid, wild
+from fuzz.strategies import FORMAT_HINTS, TEXT, TEXTS, garbage, one_of_payloads, pcm16, rpc_sequence, valid, wild
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as opb, stt_pb2, tts_pb2, vad_pb2
 
 PCM16_16K = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000, channels=1)

@@ -15,7 +15,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from rpcs import RPCS
+from fuzz.rpcs import RPCS
 
 BUDGET = {"VadService/Detect": 250, "VadService/DetectMany": 200, "SttService/Recognize": 250, "LlmService/Generate": 250,
           "TtsService/Synthesize": 250, "OrchestratorService/Converse": 350}

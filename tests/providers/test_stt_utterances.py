@@ -99,7 +99,7 @@ def interim(text: str, start_ms: int = 0, end_ms: int = 0) -> SttTranscript:
 async def until(predicate, what: str) -> None:
     async def poll():
         while not predicate():
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)  # a poll of a state under a deadline; yields the core
     try:
         await asyncio.wait_for(poll(), WAIT_S)
     except asyncio.TimeoutError:

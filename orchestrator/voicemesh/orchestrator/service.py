@@ -88,8 +88,8 @@ class OrchestratorServicer(ServicerBase, orchestrator_pb2_grpc.OrchestratorServi
                         writing[0] = True
                         yield event
                         writing[0] = False
-                        if writing[1]:
-                            return  # ended from outside with RESOURCE_EXHAUSTED (_end_call)
+                        if writing[1]:  # ended from outside (_overflowed); if that abort has not run yet, this
+                            raise ResourceExhausted(session.overflow or "the client is not reading its responses")
                     await runner  # re-raises bad input as its status
                     if session.overflow:  # the handler was not writing when it overflowed: it ends the call itself
                         raise ResourceExhausted(session.overflow)

@@ -187,6 +187,7 @@ def _exit_now(seconds: float) -> None:
 
 
 PROBE_TIMEOUT_S = 10.0  # a probe that takes longer counts as a failure
+PROBE_FAILURES = 2  # failures in a row before a serving replica reports NOT_SERVING
 
 
 async def _watch_provider(provider: Provider, set_health, interval_s: float, stop: asyncio.Event) -> None:
@@ -194,6 +195,7 @@ async def _watch_provider(provider: Provider, set_health, interval_s: float, sto
     log line per change, with the reason) while it fails, so traffic goes to replicas that can
     answer and a pod with bad credentials never turns ready."""
     serving: bool | None = None
+    failures = 0  # in a row
     while not stop.is_set():
         try:
             reason = await asyncio.wait_for(provider.probe(), PROBE_TIMEOUT_S)
@@ -201,7 +203,11 @@ async def _watch_provider(provider: Provider, set_health, interval_s: float, sto
             reason = f"the provider did not answer its health probe within {PROBE_TIMEOUT_S:.0f} s"
         except Exception as err:  # noqa: BLE001 - any failure is a reason to stop serving
             reason = f"health probe failed: {err}"
-        if (reason is None) is not serving:
+        failures = 0 if reason is None else failures + 1
+        # A serving replica turns NOT_SERVING only after PROBE_FAILURES failures in a row: every
+        # replica probes the same remote endpoint, and one blip must not eject them all at once.
+        if reason is None and serving is not True or reason is not None and (serving is None or
+                                                                         serving and failures >= PROBE_FAILURES):
             serving = reason is None
             if serving:
                 await set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -195,6 +195,9 @@ class AzureSttProvider(SttProvider):
         except RuntimeError as err:  # the SDK refused to start (its message says why)
             await recognition.cancel()
             raise Unavailable(f"{NAME}: cannot start recognition: {str(err).splitlines()[-1][:200]}") from None
+        except BaseException:  # cancelled while starting (barge-in, hang-up): stop it, or it runs on, billed
+            await asyncio.shield(recognition.cancel())
+            raise
         return recognition
 
 

@@ -198,7 +198,9 @@ class PollyTtsProvider(TtsProvider):
 
     async def probe(self) -> str | None:
         try:
-            voices = await asyncio.get_running_loop().run_in_executor(self._executor, self._describe_voices)
+            # Not on the synthesis executor: when every worker is streaming audio, the probe must
+            # not queue behind them and report a busy replica as unreachable.
+            voices = await asyncio.to_thread(self._describe_voices)
         except Exception as err:  # noqa: BLE001 - any failure is the reason
             return polly_error(err).message
         self._voices = voices
