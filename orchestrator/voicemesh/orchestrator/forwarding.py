@@ -304,12 +304,16 @@ class StreamKeeper:
                                                 f"{self.clock() - outage.since:.1f} s; giving up)")
         await asyncio.sleep(REOPEN_BACKOFF_S[outage.attempts])
         outage.attempts += 1
-        link.hold()  # writes wait: the new call gets its config and the replay first
         call = self.clients.open_vad_stream() if link.kind == "vad" else SerialStream(self.clients.stt.Recognize())
         base, replay, outage.replayed = self._replay(link)
+        link.hold()  # writes wait: the new call gets its config and the replay first
         try:
-            for message in (self._stream_config(link.kind), *replay):
-                await call.write(message)
+            # Bounded like every write: the new call may land on a replica that hangs too.
+            async with asyncio.timeout(WRITE_STALL_S):
+                for message in (self._stream_config(link.kind), *replay):
+                    await call.write(message)
+        except TimeoutError:
+            call.cancel()  # its reader ends, and the next attempt follows
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass  # the new call failed already: its reader sees why, and the next attempt follows
         finally:
