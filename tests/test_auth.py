@@ -110,21 +110,23 @@ async def test_converse_refused_without_the_right_key(keyed, metadata, expected)
 
 
 async def converse_once(address: str, metadata) -> tuple[grpc.StatusCode, str, list]:
-    """Open Converse, send a config, read to the end: (status, details, events). The write may
-    fail when the call is refused at once; the status says why."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Converse(metadata=metadata or None)
-        try:
-            await call.write(pb.ConverseRequest(config=pb.SessionConfig()))
-            await call.done_writing()
-        except grpc.aio.AioRpcError:
-            pass
-        events = []
-        try:
-            events = [event async for event in call]
-        except grpc.aio.AioRpcError:
-            pass
-        return await call.code(), await call.details(), events
+    """Open Converse, send a config, half-close, read to the end: (status, details, events).
+    Through the sync API: a grpc.aio write that races the server's refusal records its own
+    INTERNAL over the server's status; the sync client's request thread does not."""
+
+    def call() -> tuple[grpc.StatusCode, str, list]:
+        with grpc.insecure_channel(address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            responses = stub.Converse(iter([pb.ConverseRequest(config=pb.SessionConfig())]),
+                                      metadata=metadata or None, timeout=60)
+            events = []
+            try:
+                events.extend(responses)
+            except grpc.RpcError as err:
+                return err.code(), err.details(), events
+            return grpc.StatusCode.OK, "", events
+
+    return await asyncio.to_thread(call)
 
 
 async def test_converse_works_with_the_key(keyed):

@@ -48,33 +48,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{spec.name.replace('_', '-')}", type=kind, default=None, help=spec.metadata.get("help"))
 
 
-def _provider_settings_class(args: argparse.Namespace):
-    """The settings dataclass of the provider these arguments (or the env) choose, if any."""
+def _chosen(args: list[str]) -> tuple[str | None, str | None]:
+    """The kind and --provider these arguments name, read without parsing them: a parse would
+    stop at --help, or at a missing kind, before the provider's own flags could be added."""
+    services = installed_services()
+    kind = next((arg for arg in args if not arg.startswith("-") and arg in services), None)
+    provider = None
+    for index, arg in enumerate(args):
+        if arg == "--provider" and index + 1 < len(args):
+            provider = args[index + 1]
+        elif arg.startswith("--provider="):
+            provider = arg.split("=", 1)[1]
+    return kind, provider
+
+
+def _provider_settings_class(kind: str, provider: str):
+    """The settings dataclass of that provider, if it has one."""
     from voicemesh.runtime.server import load_provider_class
 
-    if args.kind not in installed_services():
+    definition = load_definition(kind)
+    if not definition.providers or provider not in definition.providers:
         return None
-    definition = load_definition(args.kind)
-    settings = ServeSettings.load(args.kind, {"provider": getattr(args, "provider", None)})
-    if not definition.providers or settings.provider not in definition.providers:
-        return None
-    return load_provider_class(definition.providers, settings.provider, args.kind).settings_class
+    return load_provider_class(definition.providers, provider, kind).settings_class
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Two passes: the first finds the kind and provider, the second knows that provider's flags
-    (`voicemesh-serve stt --provider riva --help` lists Riva's)."""
-    # The first pass must not act on --help: that is answered once the provider's flags are in.
-    first = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg not in ("-h", "--help")]
-    known, _ = parser.parse_known_args(first)
-    settings_class = _provider_settings_class(known) if getattr(known, "kind", None) else None
-    if settings_class is not None:
-        provider = ServeSettings.load(known.kind, {"provider": known.provider}).provider
-        qualified = f"VOICEMESH_{known.kind.upper()}_{provider.upper().replace('-', '_')}_<NAME>"
-        group = parser.add_argument_group(f"{provider} settings (env {qualified})")
-        for spec in fields(settings_class):
-            group.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"provider__{spec.name}", metavar=spec.name.upper(),
-                               default=None, help=spec.metadata.get("help"))
+    """The chosen provider's flags are added before parsing, so `voicemesh-serve stt --provider
+    riva --help` lists Riva's and `--endpoint` is accepted."""
+    kind, provider = _chosen(sys.argv[1:] if argv is None else list(argv))
+    if kind is not None:
+        provider = ServeSettings.load(kind, {"provider": provider}).provider  # the flag, else the env, else the default
+        settings_class = _provider_settings_class(kind, provider)
+        if settings_class is not None:
+            qualified = f"VOICEMESH_{kind.upper()}_{provider.upper().replace('-', '_')}_<NAME>"
+            group = parser.add_argument_group(f"{provider} settings (env {qualified})")
+            for spec in fields(settings_class):
+                group.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"provider__{spec.name}",
+                                   metavar=spec.name.upper(), default=None, help=spec.metadata.get("help"))
     return parser.parse_args(argv)
 
 
