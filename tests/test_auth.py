@@ -184,6 +184,8 @@ async def test_rotated_key_file_applies_without_restart(keyed):
         write_atomically(keys, "not a digest\n")  # a broken update keeps the keys in force
         assert (await status(KEY_A), await status(KEY_B)) == (UNAUTH, grpc.StatusCode.OK)
         assert _log_count(logs / "orchestrator.log", "API keys file not reloaded") >= 1
+        write_atomically(keys, "# every key revoked\n")  # emptied on purpose: the door shuts
+        assert (await status(KEY_A), await status(KEY_B)) == (UNAUTH, UNAUTH)
     finally:
         write_atomically(keys, original)
     assert await status(KEY_A) == grpc.StatusCode.OK

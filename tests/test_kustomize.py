@@ -46,7 +46,7 @@ PROVIDER_COMPONENTS = (
     "tts-riva", "tts-polly", "tts-azure", "tts-elevenlabs", "tts-cartesia",
     "llm-openai", "llm-azure-openai", "llm-bedrock",
 )
-FEATURE_COMPONENTS = ("envoy", "otel-collector", "autoscaling", "network-policies", "tls")
+FEATURE_COMPONENTS = ("envoy", "otel-collector", "autoscaling", "network-policies", "tls", "api-keys")
 CONVERSATION_S = 300  # the least a session-holding service's grace may be
 SESSION_HOLDERS = ("orchestrator", "stt", "vad", "transport")  # streams that last a conversation
 # Every kind the manifests may contain: all in kubernetes-validate's schemas, none a CRD.
@@ -498,3 +498,23 @@ def test_network_policies_let_only_the_orchestrator_call_the_backends(rendered) 
                     allowed |= {name for name, labels in pods.items() if wanted.items() <= labels.items()}
         expected = {"orchestrator", "envoy"} if kind != "orchestrator" else {"transport", "envoy"}
         assert allowed == expected, f"{kind} reachable from {allowed}"
+
+
+def test_api_keys_mount_the_digests_where_the_settings_point(rendered) -> None:
+    """The orchestrator and transport read the digests from the mounted Secret, the transport its
+    own key; the production overlay has them; no key or digest is in any manifest."""
+    for target in ("tests/api-keys", "overlays/production"):
+        found = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in deployments(rendered[target])}
+        wanted = {"orchestrator": {"VOICEMESH_API_KEYS_FILE": "voicemesh-api-keys"},
+                  "transport": {"VOICEMESH_TRANSPORT_API_KEYS_FILE": "voicemesh-api-keys",
+                                "VOICEMESH_TRANSPORT_ORCHESTRATOR_KEY_FILE": "voicemesh-transport-key"}}
+        for name, settings in wanted.items():
+            pod = found[name]
+            container = pod["containers"][0]
+            secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            for setting, secret in settings.items():
+                path = Path(env_of(container)[setting]["value"])
+                assert mounts.get(str(path.parent)) is not None, f"{target} {name}: {path} is not on a mount"
+                assert secrets[mounts[str(path.parent)]] == secret, f"{target} {name}: {setting} not from {secret}"
+        assert not [o for o in rendered[target] if o["kind"] == "Secret"], f"{target}: a Secret with keys in a manifest"

@@ -199,3 +199,45 @@ async def test_transport_reaches_the_orchestrator_over_mtls(tls_mesh):
     assert "via the transport" in text["text"]
     async with aiohttp.ClientSession() as http, http.get(tls_mesh.transport.http_url + "/healthz") as reply:
         assert reply.status == 200
+
+
+def _replace(path: str, source: str) -> None:
+    """Put `source`'s bytes at `path` the way a Secret volume updates: a whole new file swapped in."""
+    staging = Path(path + ".new")
+    staging.write_bytes(Path(source).read_bytes())
+    staging.replace(path)
+
+
+async def test_rotated_certificate_is_served_without_a_restart(tmp_path):
+    """cert-manager renews a mounted certificate in place: the next connection gets the new one,
+    and a rotation that does not load (key not matching) keeps the one in force."""
+    old_ca, new_ca = Authority(tmp_path, "old"), Authority(tmp_path, "new")
+    served = tmp_path / "served"
+    served.mkdir()
+    cert_file, key_file = str(served / "tls.crt"), str(served / "tls.key")
+    first, second = old_ca.issue("first", server=True), new_ca.issue("second", server=True)
+    _replace(cert_file, first[0])
+    _replace(key_file, first[1])
+    procs = Processes(tmp_path)
+    try:
+        port, health_port = free_port(), free_port()
+        proc = procs.serve_fake("vad", port, FakeScript(), {"VOICEMESH_VAD_TLS_CERT_FILE": cert_file,
+                                                            "VOICEMESH_VAD_TLS_KEY_FILE": key_file,
+                                                            "VOICEMESH_VAD_HEALTH_PORT": str(health_port)})
+        wait_serving(f"127.0.0.1:{health_port}", proc, timeout=START_S)
+        address = f"127.0.0.1:{port}"
+        fresh = (("grpc.use_local_subchannel_pool", 1),)  # a new connection per check, so a new handshake
+        assert await _health(address, _credentials(old_ca), fresh) == SERVING
+        assert await _health(address, _credentials(new_ca), fresh) == grpc.StatusCode.UNAVAILABLE
+
+        _replace(cert_file, second[0])
+        _replace(key_file, second[1])
+        assert await _health(address, _credentials(new_ca), fresh) == SERVING
+        assert await _health(address, _credentials(old_ca), fresh) == grpc.StatusCode.UNAVAILABLE
+
+        _replace(key_file, first[1])  # a key that is not the certificate's: refused, the new pair stays
+        assert await _health(address, _credentials(new_ca), fresh) == SERVING
+        log = (tmp_path / "fake-vad.log").read_text(errors="replace")
+        assert "TLS certificate reloaded" in log and "TLS certificate not reloaded" in log, log[-2000:]
+    finally:
+        procs.stop_all()

@@ -10,7 +10,9 @@ the key and its digest.
 Callers send `authorization: Bearer <key>`. The presented key is hashed and compared with every
 stored digest by `hmac.compare_digest` (constant time, no early exit). The file is re-read when
 it changes (a stat per call: a Secret's update is an atomic symlink swap, so a new inode), so a
-rotation needs no restart; a file that turns unreadable or malformed keeps the previous keys.
+rotation needs no restart; a file that turns unreadable or malformed keeps the previous keys (a
+typo must not lock every caller out), while a file emptied of digests revokes every key: emptying
+it is how an operator shuts the door, so it must not be mistaken for a bad edit.
 
 On the orchestrator the check is a grpc.aio server interceptor: it runs before the handler, once
 per call, so a refused call makes no session and costs nothing per message.
@@ -48,8 +50,9 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.strip().encode()).hexdigest()
 
 
-def parse_key_file(text: str, source: str) -> tuple[str, ...]:
-    """The digests of a key file; ValueError (naming the line, never its content) if malformed."""
+def parse_key_file(text: str, source: str, allow_empty: bool = False) -> tuple[str, ...]:
+    """The digests of a key file; ValueError (naming the line, never its content) if malformed,
+    or if it holds none and `allow_empty` is false (at startup an empty file is a mistake)."""
     digests = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip().lower()
@@ -59,7 +62,7 @@ def parse_key_file(text: str, source: str) -> tuple[str, ...]:
             raise ValueError(f"{source} line {number}: not a SHA-256 hex digest; the file holds digests, not keys "
                              "(make one with: python -m voicemesh.runtime.auth hash)")
         digests.append(line)
-    if not digests:
+    if not digests and not allow_empty:
         raise ValueError(f"{source}: no key digests")
     return tuple(digests)
 
@@ -88,7 +91,7 @@ class KeyStore:
             if stamp == self._stamp:
                 return
             try:
-                digests = parse_key_file(Path(self.path).read_text(), self.path)
+                digests = parse_key_file(Path(self.path).read_text(), self.path, allow_empty=not initial)
             except (OSError, ValueError) as err:
                 if initial:
                     raise SystemExit(f"API keys: {err}") from None
@@ -96,7 +99,11 @@ class KeyStore:
                 self._stamp = stamp  # one warning per change
                 return
             self._digests, self._stamp = digests, stamp
-            log.info("API keys loaded", extra={"keys_file": self.path, "keys": len(digests)})
+            if digests:
+                log.info("API keys loaded", extra={"keys_file": self.path, "keys": len(digests)})
+            else:
+                log.warning("API keys file holds no digests: every key is revoked, every call refused",
+                            extra={"keys_file": self.path})
 
     def check(self, key: str) -> bool:
         self._refresh()

@@ -3,6 +3,11 @@
 Server side (ServeSettings): `tls_cert_file` + `tls_key_file` serve TLS; adding
 `tls_client_ca_file` makes it mTLS: a client must present a certificate signed by that CA, or the
 handshake fails before any call. Without a certificate the port stays plaintext, as before.
+The files are re-read when they change (checked at each new connection, before its handshake), so
+a certificate rotated in place (cert-manager renewing a mounted Secret) is served without a
+restart; connections already open keep the certificate they started with. A rotated set that does
+not load (unreadable, not PEM, key not matching the certificate) is logged and the one in force
+stays.
 
 Client side (`ChannelTls`, from env vars under a prefix): `<PREFIX>_TLS_CA_FILE` (the CA that
 signed the server's certificate; unset: the system's roots), `<PREFIX>_TLS_CERT_FILE` +
@@ -14,12 +19,16 @@ an IP). Setting any of them makes the channel TLS. The prefixes:
 """
 from __future__ import annotations
 
+import logging
 import os
+import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+log = logging.getLogger("voicemesh.tls")
 BACKEND_PREFIX = "VOICEMESH_BACKEND"
 CLIENT_PREFIX = "VOICEMESH_CLIENT"
 
@@ -35,16 +44,64 @@ def _read(path: str, what: str) -> bytes:
 
 
 def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") -> grpc.ServerCredentials | None:
-    """TLS server credentials (mTLS with `client_ca_file`); None when no certificate is set."""
+    """TLS server credentials (mTLS with `client_ca_file`) that follow the files as they are
+    rotated; None when no certificate is set."""
     if not (cert_file or key_file):
         if client_ca_file:
             raise SystemExit("TLS: tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file too")
         return None
     if not (cert_file and key_file):
         raise SystemExit("TLS: set both tls_cert_file and tls_key_file")
-    pair = (_read(key_file, "private key"), _read(cert_file, "certificate"))
-    client_ca = _read(client_ca_file, "client CA") if client_ca_file else None
-    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    files = ServerCertificates(cert_file, key_file, client_ca_file)
+    return grpc.dynamic_ssl_server_credentials(files.load(), files.fetch,
+                                               require_client_authentication=bool(client_ca_file))
+
+
+class ServerCertificates:
+    """A server's certificate, key and client CA files, loaded again when any of them changes."""
+
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = ""):
+        self.paths = tuple(p for p in (cert_file, key_file, client_ca_file) if p)
+        self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
+        self._stamp: tuple | None = None
+        self._lock = threading.Lock()
+
+    def _stamps(self) -> tuple:
+        # stat follows symlinks: a Secret volume's atomic swap shows as a new inode
+        return tuple((info.st_ino, info.st_mtime_ns, info.st_size) for info in map(os.stat, self.paths))
+
+    def load(self) -> grpc.ServerCertificateConfiguration:
+        """The configuration in the files now; SystemExit saying what is wrong if they do not load."""
+        stamp = self._stamps() if all(map(os.path.exists, self.paths)) else None
+        pair = (_read(self.key_file, "private key"), _read(self.cert_file, "certificate"))
+        client_ca = _read(self.client_ca_file, "client CA") if self.client_ca_file else None
+        try:  # a key that does not match its certificate would fail every handshake: refuse it here
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as err:
+            raise SystemExit(f"TLS: {self.cert_file} and {self.key_file} do not load as a pair: {err}") from None
+        self._stamp = stamp
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC calls this before each new connection's handshake: a new configuration when the
+        files changed and load, else None (keep the one in force)."""
+        try:
+            stamp = self._stamps()
+        except OSError:
+            return None  # a file mid-swap or gone: keep serving what we have
+        if stamp == self._stamp:
+            return None
+        with self._lock:
+            if stamp == self._stamp:
+                return None
+            try:
+                config = self.load()
+            except SystemExit as err:
+                self._stamp = stamp  # one warning per change
+                log.warning("TLS certificate not reloaded, keeping the one in force: %s", err)
+                return None
+            log.info("TLS certificate reloaded", extra={"cert_file": self.cert_file})
+            return config
 
 
 @dataclass(frozen=True)
