@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from voicemesh.orchestrator.playout import MERGE_SECONDS, Playout
+from voicemesh.orchestrator.playout import MAX_QUEUED_SECONDS, MERGE_SECONDS, HeldPlayout, Playout
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb
 
 CHUNK_S = 0.04
@@ -92,3 +92,49 @@ def test_audio_of_an_interrupted_turn_that_comes_after_the_clear_is_dropped():
     sent, first_audio = asyncio.run(scenario())
     assert [(data[0], turn) for data, _, turn in audio_parts(sent)] == [(0, 1), (9, 2)]
     assert first_audio == [1, 2]
+
+
+def test_room_waits_while_more_than_the_bound_is_queued_and_clear_frees_it():
+    """The reply's backpressure: queueing past MAX_QUEUED_SECONDS makes room() wait (the reply
+    stops reading its TTS); playing the excess, or a barge-in's clear(), lets it go on."""
+    async def scenario():
+        sent: list = []
+        playout = Playout(sent.append, lead_seconds=0.0)
+        playout.audio(chunk(0), CHUNK_S, 1)  # leaves at once, starting the clock
+        chunks = int(MAX_QUEUED_SECONDS / CHUNK_S) + 2  # just past the bound
+        for i in range(chunks):
+            playout.audio(chunk(1 + i % 200), CHUNK_S, 1)
+        assert playout.queued_seconds > MAX_QUEUED_SECONDS
+        waiting = asyncio.create_task(playout.room())
+        await asyncio.sleep(0)  # let it reach its wait (no playout task runs: nothing can free it)
+        assert not waiting.done()
+        dropped = playout.clear(turn_number=1)  # barge-in
+        await asyncio.wait_for(waiting, DRAIN_S)
+        assert dropped == chunks and playout.queued_seconds == 0.0
+        # Played out rather than cleared: the playout task frees room as it sends.
+        for i in range(chunks):
+            playout.audio(chunk(1 + i % 200, turn=2), CHUNK_S, 2)
+        waiting = asyncio.create_task(playout.room())
+        task = asyncio.create_task(playout.run())
+        await asyncio.wait_for(waiting, DRAIN_S)
+        assert playout.queued_seconds <= MAX_QUEUED_SECONDS
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_held_reply_past_the_bound_waits_for_its_release():
+    async def scenario():
+        playout = Playout([].append, lead_seconds=0.0)
+        held = HeldPlayout(playout)
+        for i in range(int(MAX_QUEUED_SECONDS / CHUNK_S) + 2):
+            held.audio(chunk(1 + i % 200), CHUNK_S, 1)
+        waiting = asyncio.create_task(held.room())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        task = asyncio.create_task(playout.run())
+        held.release()  # the turn was confirmed: everything moves to the playout, which plays it
+        await asyncio.wait_for(waiting, DRAIN_S)
+        task.cancel()
+
+    asyncio.run(scenario())

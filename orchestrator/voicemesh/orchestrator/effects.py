@@ -57,6 +57,10 @@ class _Progress:
         self.pulse()
         self.sink.marker(fire)
 
+    async def room(self) -> None:
+        await self.sink.room()
+        self.pulse()  # waiting for the caller to hear queued audio is not a stall
+
 
 class EffectRunner:
     """Base of Session. Uses only these of its stages (set by Session):"""

@@ -17,6 +17,10 @@ from voicemesh.v1 import orchestrator_pb2 as pb
 # Chunks of one turn already queued go out together, up to this much audio per message: one
 # write instead of several when a TTS streams small chunks (each gRPC message costs CPU).
 MERGE_SECONDS = 0.12
+# A TTS synthesizes faster than real time; the reply stops reading it while this much audio
+# waits to be played, so a long reply holds seconds of audio per session, not all of it (gRPC's
+# flow control then pauses the TTS stream). Far above any TTS's lead, so it never delays audio.
+MAX_QUEUED_SECONDS = 10.0
 
 
 @dataclass
@@ -45,6 +49,9 @@ class Playout:
         self._waiting = False  # run() holds a chunk until its time comes
         self._seq_turn, self._seq = 0, 0  # BotAudio chunks are numbered per turn, as sent
         self._cleared_turn = 0  # audio of this turn and earlier ones is dropped (they were interrupted)
+        self._queued_seconds = 0.0  # audio in _items
+        self._room = asyncio.Event()  # set while _queued_seconds <= MAX_QUEUED_SECONDS
+        self._room.set()
         self.on_first_audio = on_first_audio
 
     def audio(self, message: pb.ConverseResponse, seconds: float, turn_number: int) -> None:
@@ -63,9 +70,26 @@ class Playout:
     def marker(self, fire: Callable[[], None]) -> None:
         self._put(_Marker(fire))
 
+    async def room(self) -> None:
+        """Wait until the queued audio is back under MAX_QUEUED_SECONDS (the reply's backpressure)."""
+        await self._room.wait()
+
+    @property
+    def queued_seconds(self) -> float:
+        return self._queued_seconds
+
     def _put(self, item: _Audio | _Marker) -> None:
         self._items.append(item)
+        if isinstance(item, _Audio):
+            self._account(item.seconds)
         self._wake.set()
+
+    def _account(self, seconds: float) -> None:
+        self._queued_seconds = max(0.0, self._queued_seconds + seconds)
+        if self._queued_seconds > MAX_QUEUED_SECONDS:
+            self._room.clear()
+        else:
+            self._room.set()
 
     def clear(self, turn_number: int = 0) -> int:
         """Drop everything not yet sent (barge-in), and any audio of `turn_number` or an earlier
@@ -73,6 +97,8 @@ class Playout:
         self._cleared_turn = max(self._cleared_turn, turn_number)
         dropped = sum(isinstance(item, _Audio) for item in self._items)
         self._items.clear()
+        self._queued_seconds = 0.0
+        self._room.set()
         self._clock_start = None
         self._generation += 1
         return dropped
@@ -92,6 +118,7 @@ class Playout:
             if isinstance(item, _Marker):
                 item.fire()
                 continue
+            self._account(-item.seconds)
             delay = self._delay(item)
             if delay > 0:
                 generation = self._generation
@@ -113,6 +140,7 @@ class Playout:
                     or seconds + following.seconds > MERGE_SECONDS + 1e-6:
                 break
             parts.append(self._items.popleft())
+            self._account(-following.seconds)
             seconds += following.seconds
         if len(parts) > 1:
             item.message.audio.chunk.data = b"".join(part.message.audio.chunk.data for part in parts)
@@ -150,6 +178,7 @@ class HeldPlayout:
     def __init__(self, playout: Playout):
         self._playout = playout
         self._held: list[tuple] = []
+        self._held_seconds = 0.0
         self.released = asyncio.Event()
 
     def audio(self, message: pb.ConverseResponse, seconds: float, turn_number: int) -> None:
@@ -157,6 +186,15 @@ class HeldPlayout:
             self._playout.audio(message, seconds, turn_number)
         else:
             self._held.append(("audio", message, seconds, turn_number))
+            self._held_seconds += seconds
+
+    async def room(self) -> None:
+        """While held, the same bound as the playout's: past it, wait for the release (a held
+        reply that is dropped instead is cancelled, which ends the wait too)."""
+        if not self.released.is_set() and self._held_seconds > MAX_QUEUED_SECONDS:
+            await self.released.wait()
+        if self.released.is_set():
+            await self._playout.room()
 
     def marker(self, fire: Callable[[], None]) -> None:
         if self.released.is_set():
@@ -171,4 +209,5 @@ class HeldPlayout:
             else:
                 self._playout.marker(item[1])
         self._held.clear()
+        self._held_seconds = 0.0
         self.released.set()

@@ -196,6 +196,7 @@ class BotReply:
                 first = False
                 self.playout.audio(message, len(chunk.data) / self.bytes_per_second, number)
                 metrics().hop.record((time.perf_counter() - received) * 1000, {"direction": "outbound"})
+                await self.playout.room()  # past MAX_QUEUED_SECONDS, stop reading the TTS until it plays
             elif response.HasField("segment_done") and response.segment_done.spoken_text:
                 text = response.segment_done.spoken_text
                 self.playout.marker(lambda text=text: self._spoken(text))

@@ -26,6 +26,8 @@ class ReplySink(Protocol):
 
     def marker(self, fire: Callable[[], None]) -> None: ...
 
+    async def room(self) -> None: ...  # returns when the sink can take more audio (backpressure)
+
 
 class HeldSink(ReplySink, Protocol):
     released: asyncio.Event
