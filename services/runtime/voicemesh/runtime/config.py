@@ -105,4 +105,7 @@ def grpc_channel_options(max_message_bytes: int = 4 << 20) -> list[tuple[str, ob
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.min_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", 5000),
+        # As on the servers (grpc_server_options): a caller that falls behind reading its replies
+        # (TTS audio, VAD events) holds a 64 KB window per stream, not megabytes.
+        ("grpc.http2.bdp_probe", 0),
     ]
