@@ -1,7 +1,8 @@
 # The Node and Go clients (clients/node, clients/go): toolchains, pinned dependencies and the
 # code generated from protos/ (never committed). Included by the Makefile; `make clients`
-# builds both, and tests/test_client_node.py and tests/test_client_go.py run their suites
-# against the real orchestrator with fake services behind it. docs/clients.md explains it.
+# builds both, and tests/test_clients_node_go.py runs their suites against the real
+# orchestrator with fake services behind it, and their `talk` examples against orchestrators
+# that require an API key and mTLS. docs/clients.md explains it.
 
 CLIENT_PROTOS := protos/voicemesh/v1/common.proto protos/voicemesh/v1/llm.proto protos/voicemesh/v1/orchestrator.proto
 NODE_CLIENT   := clients/node

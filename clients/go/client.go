@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -24,7 +25,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -57,6 +57,9 @@ func DefaultOutputFormat() *pb.AudioFormat {
 
 type options struct {
 	tls      *tls.Config
+	tlsFiles *TLSFiles
+	apiKey   *string // nil: from the environment
+	secure   bool
 	md       metadata.MD
 	dialOpts []grpc.DialOption
 }
@@ -67,10 +70,18 @@ type Option func(*options)
 // WithTLS connects over TLS with this configuration (nil fields: the system roots).
 func WithTLS(cfg *tls.Config) Option { return func(o *options) { o.tls = cfg } }
 
-// WithToken sends "authorization: Bearer <token>" on every call.
-func WithToken(token string) Option {
-	return func(o *options) { o.md.Set("authorization", "Bearer "+token) }
+// WithTLSFiles connects over TLS with a CA, client certificate and server name from PEM files.
+// Without WithTLS or WithTLSFiles, Dial uses VOICEMESH_CLIENT_TLS_* when any is set.
+func WithTLSFiles(files TLSFiles) Option { return func(o *options) { o.tlsFiles = &files } }
+
+// WithAPIKey sends "authorization: Bearer <key>" on every call ("": none). Without it, Dial
+// uses $VOICEMESH_API_KEY, else the content of the file $VOICEMESH_API_KEY_FILE.
+func WithAPIKey(key string) Option {
+	return func(o *options) { key = strings.TrimSpace(key); o.apiKey = &key }
 }
+
+// WithToken is WithAPIKey (the older name).
+func WithToken(token string) Option { return WithAPIKey(token) }
 
 // WithMetadata adds key/value pairs to every call's metadata.
 func WithMetadata(kv ...string) Option {
@@ -88,9 +99,11 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 
 // Client holds one channel to the orchestrator; sessions share it.
 type Client struct {
-	conn *grpc.ClientConn
-	stub pb.OrchestratorServiceClient
-	md   metadata.MD
+	conn   *grpc.ClientConn
+	stub   pb.OrchestratorServiceClient
+	md     metadata.MD
+	addr   string
+	secure bool // TLS, for the hint of an unreachable orchestrator
 }
 
 // Dial opens the channel (lazily: errors show on the first call).
@@ -99,20 +112,19 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 	for _, opt := range opts {
 		opt(&o)
 	}
-	creds := grpc.WithInsecure()
-	if o.tls != nil {
-		creds = grpc.WithTransportCredentials(credentials.NewTLS(o.tls))
+	security, err := o.credentials()
+	if err != nil {
+		return nil, err
 	}
-	dial := append([]grpc.DialOption{
-		creds,
+	dial := append(append(security,
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessageBytes), grpc.MaxCallSendMsgSize(maxMessageBytes)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
-	}, o.dialOpts...)
+	), o.dialOpts...)
 	conn, err := grpc.DialContext(ctx, addr, dial...)
 	if err != nil {
 		return nil, err
 	}
-	return &Client{conn: conn, stub: pb.NewOrchestratorServiceClient(conn), md: o.md}, nil
+	return &Client{conn: conn, stub: pb.NewOrchestratorServiceClient(conn), md: o.md, addr: addr, secure: o.secure}, nil
 }
 
 // Close closes the channel.
@@ -172,11 +184,11 @@ func (c *Client) Start(ctx context.Context, cfg *pb.SessionConfig) (*Session, er
 	stream, err := c.stub.Converse(callCtx)
 	if err != nil {
 		cancel()
-		return nil, err
+		return nil, c.explain(err)
 	}
 	if err := stream.Send(&pb.ConverseRequest{Request: &pb.ConverseRequest_Config{Config: config}}); err != nil && err != io.EOF {
 		cancel()
-		return nil, err
+		return nil, c.explain(err)
 	}
 	first, err := stream.Recv()
 	if err != nil {
@@ -184,7 +196,7 @@ func (c *Client) Start(ctx context.Context, cfg *pb.SessionConfig) (*Session, er
 		if err == io.EOF {
 			err = status.Error(codes.Internal, "the stream closed before SessionStarted")
 		}
-		return nil, err
+		return nil, c.explain(err)
 	}
 	started := first.GetSessionStarted()
 	if started == nil {

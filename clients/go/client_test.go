@@ -1,7 +1,7 @@
 package voicemesh_test
 
 // The Go client against a running orchestrator: VOICEMESH_ORCHESTRATOR_ADDR=host:port go test
-// (tests/test_client_go.py starts the orchestrator with fake services behind it and runs this).
+// (tests/test_clients_node_go.py starts the orchestrator with fake services behind it and runs this).
 // The fakes' script: services/runtime/voicemesh/runtime/fakes.py. Waits have deadlines and say
 // what was seen; nothing asserts on speed.
 

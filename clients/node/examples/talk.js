@@ -2,7 +2,11 @@
 // talk: a WAV in (streamed in real time, as a microphone would), the conversation out.
 //
 //   node examples/talk.js question.wav --out reply.wav [--json] [--addr host:port]
-//        [--system-prompt TEXT] [--voice NAME] [--token T] [--tls] [--wait-after SECONDS]
+//        [--system-prompt TEXT] [--voice NAME] [--wait-after SECONDS]
+//        [--api-key K] [--tls] [--ca-file F] [--cert-file F --key-file F] [--server-name N]
+//
+// The key and TLS default to the environment, as for `voicemesh talk`: VOICEMESH_API_KEY (or
+// _FILE) and VOICEMESH_CLIENT_TLS_CA_FILE, _CERT_FILE, _KEY_FILE, _SERVER_NAME (docs/clients.md).
 //
 // Prints each turn (transcript, reply, latency) or, with --json, one JSON object like
 // `voicemesh talk --json`. Latency is measured from the input audio itself: a speech segment
@@ -18,7 +22,8 @@ const CHUNK_MS = 40;
 
 function usage(message) {
   if (message) console.error(`talk: ${message}`);
-  console.error('usage: talk.js IN.wav [--out reply.wav] [--json] [--addr host:port] [--system-prompt T] [--voice V] [--token T] [--tls] [--wait-after S]');
+  console.error('usage: talk.js IN.wav [--out reply.wav] [--json] [--addr host:port] [--system-prompt T] [--voice V] [--wait-after S]\n'
+    + '       [--api-key K] [--tls] [--ca-file F] [--cert-file F --key-file F] [--server-name N]');
   process.exit(2);
 }
 
@@ -64,13 +69,22 @@ function speechSegments(data, format) {
     .map((s) => ({ start: s.startWin * win, end: Math.min(frames, s.endWin * win) }));
 }
 
+/** TLS from the flags: files, or --tls (the system's roots); none: the environment decides. */
+function tlsOption(values) {
+  const files = { caFile: values['ca-file'], certFile: values['cert-file'], keyFile: values['key-file'], serverName: values['server-name'] };
+  if (Object.values(files).some(Boolean)) return files;
+  return values.tls ? true : undefined;
+}
+
 async function main() {
   const { values, positionals } = parseArgs({
     allowPositionals: true,
     options: {
       out: { type: 'string' }, json: { type: 'boolean', default: false }, addr: { type: 'string' },
       'system-prompt': { type: 'string', default: '' }, voice: { type: 'string', default: '' },
-      token: { type: 'string' }, tls: { type: 'boolean', default: false },
+      'api-key': { type: 'string' }, token: { type: 'string' }, tls: { type: 'boolean', default: false },
+      'ca-file': { type: 'string' }, 'cert-file': { type: 'string' }, 'key-file': { type: 'string' },
+      'server-name': { type: 'string' },
       'wait-after': { type: 'string', default: '20' }, help: { type: 'boolean', short: 'h' },
     },
   });
@@ -83,7 +97,7 @@ async function main() {
   const chunkBytes = chunkFrames * frameBytes;
   const segments = speechSegments(input.data, input.format);
 
-  const client = connect(values.addr || defaultAddress(), { tls: values.tls, token: values.token });
+  const client = connect(values.addr || defaultAddress(), { tls: tlsOption(values), apiKey: values['api-key'] ?? values.token });
   const session = await client.start({
     systemPrompt: values['system-prompt'], voice: values.voice, inputFormat: input.format,
     metadata: { client: 'voicemesh-node-talk' },

@@ -2,7 +2,7 @@
 import { connect, VoicemeshError } from '../src/index';
 
 export async function typed(addr: string): Promise<string[]> {
-  const client = connect(addr, { token: 'secret' });
+  const client = connect(addr, { apiKey: 'secret', tls: { caFile: 'ca.pem', serverName: 'orchestrator.example' } });
   const session = await client.start({
     systemPrompt: 'Be brief.',
     inputFormat: { encoding: 'AUDIO_ENCODING_PCM16', sampleRateHz: 16000 },

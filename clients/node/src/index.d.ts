@@ -22,10 +22,29 @@ export interface Config extends Omit<SessionConfig, 'tools'> {
   tools?: ToolSpec[] | (Omit<ToolOptions, 'tools'> & { tools?: ToolSpec[] });
 }
 
+/** TLS from PEM files (what the VOICEMESH_CLIENT_TLS_* variables give) or PEM buffers. */
+export interface TlsOptions {
+  /** The CA that signed the orchestrator's certificate; unset: the system's roots. */
+  caFile?: string;
+  /** This client's certificate and key, for an orchestrator with mTLS (both or neither). */
+  certFile?: string;
+  keyFile?: string;
+  /** Check the certificate against this name instead of the address's host. */
+  serverName?: string;
+  rootCerts?: Buffer;
+  privateKey?: Buffer;
+  certChain?: Buffer;
+}
+
 export interface ConnectOptions {
-  /** true: TLS with the system roots; an object: your own roots or client certificate. */
-  tls?: boolean | { rootCerts?: Buffer; privateKey?: Buffer; certChain?: Buffer };
-  /** Sent as `authorization: Bearer <token>` on every call. */
+  /**
+   * true: TLS with the system roots; an object: your own CA, client certificate, server name;
+   * false: plaintext. Unset: TLS when any VOICEMESH_CLIENT_TLS_* variable is set.
+   */
+  tls?: boolean | TlsOptions;
+  /** Sent as `authorization: Bearer <key>` on every call; unset: $VOICEMESH_API_KEY, else $VOICEMESH_API_KEY_FILE's content. */
+  apiKey?: string;
+  /** The same as apiKey (the older name). */
   token?: string;
   /** More metadata on every call. */
   metadata?: Record<string, string>;
@@ -78,6 +97,8 @@ export declare class Session implements AsyncIterable<ConverseResponse__Output> 
 
 export declare class Client {
   readonly address: string;
+  /** Whether the channel is TLS. */
+  readonly secure: boolean;
   constructor(address?: string, options?: ConnectOptions);
   info(options?: { timeoutMs?: number }): Promise<OrchestratorServiceInfoResponse__Output>;
   start(config?: Config, options?: StartOptions): Promise<Session>;

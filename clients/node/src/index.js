@@ -11,6 +11,7 @@
 // camelCase field names and enums as their names; their types are generated (generated/).
 const grpc = require('@grpc/grpc-js');
 const { loadPackage } = require('./proto');
+const { apiKey, channelCredentials, unreachableHint } = require('./credentials');
 
 const ADDR_ENV = 'VOICEMESH_ORCHESTRATOR_ADDR';
 const DEFAULT_ADDR = '127.0.0.1:50051';
@@ -48,16 +49,6 @@ function defaultAddress() {
   return process.env[ADDR_ENV] || DEFAULT_ADDR;
 }
 
-function credentials(options) {
-  let creds;
-  if (options.tls === true) creds = grpc.credentials.createSsl();
-  else if (options.tls && typeof options.tls === 'object') {
-    const { rootCerts = null, privateKey = null, certChain = null } = options.tls;
-    creds = grpc.credentials.createSsl(rootCerts, privateKey, certChain);
-  } else creds = grpc.credentials.createInsecure();
-  return creds;
-}
-
 /** Turns the typed config into a SessionConfig message: default formats, tools' schemas as JSON. */
 function sessionConfig(config = {}) {
   const out = { ...config };
@@ -79,20 +70,29 @@ function sessionConfig(config = {}) {
 class Client {
   /**
    * @param {string} [address] host:port; default $VOICEMESH_ORCHESTRATOR_ADDR or 127.0.0.1:50051
-   * @param {{tls?: boolean|{rootCerts?: Buffer, privateKey?: Buffer, certChain?: Buffer},
-   *          token?: string, metadata?: Record<string,string>, channelOptions?: object}} [options]
+   * @param {{tls?: boolean|{caFile?: string, certFile?: string, keyFile?: string, serverName?: string,
+   *                          rootCerts?: Buffer, privateKey?: Buffer, certChain?: Buffer},
+   *          apiKey?: string, token?: string, metadata?: Record<string,string>, channelOptions?: object}} [options]
+   *   `tls` and `apiKey` unset: from the environment (src/credentials.js, as the Python client).
    */
   constructor(address, options = {}) {
     const pkg = loadPackage();
     this.address = address || defaultAddress();
-    this.options = options;
-    this.stub = new pkg.OrchestratorService(this.address, credentials(options), { ...CHANNEL_OPTIONS, ...(options.channelOptions || {}) });
+    this.options = { ...options }; // without the key, so printing the client never shows it
+    delete this.options.apiKey;
+    delete this.options.token;
+    const { credentials, channelOptions, secure } = channelCredentials(options);
+    this.secure = secure;
+    Object.defineProperty(this, '_apiKey', { value: apiKey(options), enumerable: false });
+    this.stub = new pkg.OrchestratorService(this.address, credentials,
+      { ...CHANNEL_OPTIONS, ...channelOptions, ...(options.channelOptions || {}) });
   }
 
+  /** Every call's metadata: the options' pairs and, with a key, `authorization: Bearer <key>`. */
   metadata() {
     const md = new grpc.Metadata();
     for (const [key, value] of Object.entries(this.options.metadata || {})) md.set(key, value);
-    if (this.options.token) md.set('authorization', `Bearer ${this.options.token}`);
+    if (this._apiKey) md.set('authorization', `Bearer ${this._apiKey}`);
     return md;
   }
 
@@ -121,7 +121,12 @@ class Client {
       }
     }
     call.write({ config: sessionConfig(config) });
-    await session._started(startTimeoutMs);
+    try {
+      await session._started(startTimeoutMs);
+    } catch (err) {
+      if (err.code !== grpc.status.UNAVAILABLE) throw err;
+      throw new VoicemeshError(err.code, `${err.details} (${unreachableHint(this.address, this.secure)})`, err.metadata);
+    }
     return session;
   }
 

@@ -1,6 +1,6 @@
 'use strict';
 // The Node client against a running orchestrator: VOICEMESH_ORCHESTRATOR_ADDR=host:port
-// `node --test test/` (tests/test_client_node.py starts the orchestrator with fake services
+// `node --test test/` (tests/test_clients_node_go.py starts the orchestrator with fake services
 // behind it and runs this). The fakes' script: services/runtime/voicemesh/runtime/fakes.py.
 const test = require('node:test');
 const assert = require('node:assert/strict');
@@ -128,6 +128,36 @@ test('the talk example: a WAV in, transcript, reply, latency and a reply WAV out
     const reply = readWav(fs.readFileSync(output));
     assert.equal(reply.format.sampleRateHz, 24000);
     assert.ok(reply.data.length > 0);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// Credentials (src/credentials.js): the Python client's env names and rules; no server needed.
+test('credentials: key and TLS from options or the environment, unusable files named', () => {
+  const { apiKey, channelCredentials, envTls } = require('../src/credentials');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'voicemesh-creds-'));
+  try {
+    const keyFile = path.join(dir, 'key');
+    fs.writeFileSync(keyFile, ' from-file \n');
+    assert.equal(apiKey({}, { VOICEMESH_API_KEY_FILE: keyFile }), 'from-file');
+    assert.equal(apiKey({}, { VOICEMESH_API_KEY: 'from-env', VOICEMESH_API_KEY_FILE: keyFile }), 'from-env');
+    assert.equal(apiKey({ apiKey: '' }, { VOICEMESH_API_KEY: 'from-env' }), null); // explicit: none
+    assert.equal(apiKey({ token: 'older-name' }, {}), 'older-name');
+    assert.throws(() => apiKey({}, { VOICEMESH_API_KEY_FILE: path.join(dir, 'absent') }), /cannot read the API key file .*absent/);
+    assert.equal(envTls({}), null);
+    assert.deepEqual(envTls({ VOICEMESH_CLIENT_TLS_SERVER_NAME: 'orch' }), { caFile: '', certFile: '', keyFile: '', serverName: 'orch' });
+    assert.equal(channelCredentials({}, {}).secure, false);
+    assert.equal(channelCredentials({ tls: false }, { VOICEMESH_CLIENT_TLS_SERVER_NAME: 'orch' }).secure, false);
+    const named = channelCredentials({}, { VOICEMESH_CLIENT_TLS_SERVER_NAME: 'orch' });
+    assert.equal(named.secure, true);
+    assert.deepEqual(named.channelOptions, { 'grpc.ssl_target_name_override': 'orch' });
+    assert.throws(() => channelCredentials({ tls: { caFile: path.join(dir, 'ca.pem') } }), /cannot read the CA certificate .*ca\.pem: no such file/);
+    assert.throws(() => channelCredentials({ tls: { certChain: Buffer.from('x') } }), /needs both its certificate and its key/);
+    const client = connect('127.0.0.1:1', { apiKey: 'k', metadata: { client: 'test' } });
+    assert.equal(client.metadata().get('authorization')[0], 'Bearer k');
+    assert.equal(client.metadata().get('client')[0], 'test');
+    client.close();
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -188,7 +188,7 @@ class Mesh:
 
     def _wait_healthy(self, children: list[Child]) -> None:
         deadline = time.monotonic() + self.ready_timeout
-        channels = {c.kind: grpc.insecure_channel(c.address, options=PROBE_OPTIONS) for c in children}
+        channels = {c.kind: self.probe_channel(c) for c in children}
         try:
             pending = list(children)
             while pending:
@@ -199,6 +199,9 @@ class Mesh:
                         child.ready_seconds = time.monotonic() - child.started_at
                         self.progress(f"{child.kind} is serving ({child.ready_seconds:.1f} s)")
                         pending.remove(child)
+                    elif self.fresh_probe_channel(child):
+                        channels[child.kind].close()
+                        channels[child.kind] = self.probe_channel(child)
                 if pending and time.monotonic() > deadline:
                     names, first = ", ".join(c.kind for c in pending), pending[0]
                     raise MeshError(f"not healthy after {self.ready_timeout:.0f} s: {names}; "
@@ -208,6 +211,14 @@ class Mesh:
         finally:
             for channel in channels.values():
                 channel.close()
+
+    def probe_channel(self, child: Child) -> grpc.Channel:
+        """The channel `child`'s health is asked on: plaintext here (`voicemesh up` adds TLS)."""
+        return grpc.insecure_channel(child.address, options=PROBE_OPTIONS)
+
+    def fresh_probe_channel(self, child: Child) -> bool:
+        """Whether a probe that found `child` not serving gets a new channel for the next try."""
+        return False
 
     def exited(self) -> Child | None:
         """The first child found to have exited, if any."""

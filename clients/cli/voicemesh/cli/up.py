@@ -1,5 +1,11 @@
 """`voicemesh up`: start every service locally as its own process, print where they are, and
-supervise them until Ctrl-C (or SIGTERM/SIGHUP); `--chat` opens the typed chat once healthy."""
+supervise them until Ctrl-C (or SIGTERM/SIGHUP); `--chat` opens the typed chat once healthy.
+
+The services take their TLS settings from the environment `up` runs in (docs/security.md:
+`VOICEMESH_TLS_CERT_FILE` or `VOICEMESH_<KIND>_TLS_CERT_FILE`, ...), so the health probes read
+the same: a service that serves TLS is probed over TLS, with the client settings of the hop
+that reaches it (`VOICEMESH_BACKEND_TLS_*` for a backend, as the orchestrator does, and
+`VOICEMESH_CLIENT_TLS_*` for the orchestrator and the transport, as `talk` and `chat` do)."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +15,15 @@ import sys
 import threading
 import time
 
+import grpc
+
 from voicemesh.cli.commands import run_chat
 from voicemesh.cli.mesh import (
-    ALL_SERVICES, BACKENDS, DEFAULT_HTTP_PORT, DEFAULT_LOG_DIR, DEFAULT_PORTS, TRANSPORT, Child, Mesh, MeshError,
+    ALL_SERVICES, BACKENDS, DEFAULT_HTTP_PORT, DEFAULT_LOG_DIR, DEFAULT_PORTS, PROBE_OPTIONS, TRANSPORT, Child, Mesh,
+    MeshError,
 )
+from voicemesh.runtime.config import ServeSettings
+from voicemesh.runtime.tls import BACKEND_PREFIX, CLIENT_PREFIX, ChannelTls
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -26,7 +37,49 @@ def _say(text: str) -> None:  # after a SIGHUP the terminal may be gone: the mes
         print(text, file=sys.stderr, flush=True)
 
 
-def _print_table(mesh: Mesh, seconds: float) -> None:
+Probe = tuple[grpc.ChannelCredentials, list]  # a TLS probe's credentials and channel options
+
+
+def tls_probe(kind: str) -> Probe | None:
+    """How to reach `kind` for its health: None (plaintext) when it serves no TLS, else TLS with
+    the client settings of the hop that reaches it. MeshError, before anything starts, when those
+    cannot work: unreadable files, or mTLS required and that hop has no client certificate."""
+    served = ServeSettings.load(kind)
+    if not served.tls_cert_file:
+        return None
+    prefix = BACKEND_PREFIX if kind in BACKENDS else CLIENT_PREFIX
+    tls = ChannelTls.from_env(prefix)
+    if served.tls_client_ca_file and not tls.cert_file:
+        caller = "the orchestrator" if kind in BACKENDS else "talk, chat and the health probe"
+        raise MeshError(f"{kind} requires client certificates (tls_client_ca_file), but {prefix}_TLS_CERT_FILE and "
+                        f"_KEY_FILE are unset: {caller} would be refused")
+    try:
+        return tls.credentials(), tls.options()
+    except SystemExit as err:  # ChannelTls's message names the file and what is wrong
+        raise MeshError(f"probing {kind} with {prefix}_TLS_*: {err}") from None
+
+
+class TlsProbedMesh(Mesh):
+    """A Mesh whose health probes speak TLS to the services that serve it (see tls_probe)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.tls_probes = {kind: tls_probe(kind) for kind in self.children}
+
+    def probe_channel(self, child: Child) -> grpc.Channel:
+        probe = self.tls_probes.get(child.kind)
+        if probe is None:
+            return grpc.insecure_channel(child.address, options=PROBE_OPTIONS)
+        credentials, options = probe
+        return grpc.secure_channel(child.address, credentials, options=[*PROBE_OPTIONS, *options])
+
+    def fresh_probe_channel(self, child: Child) -> bool:
+        # A sync TLS channel whose first connects were refused (the service not listening yet)
+        # never connects afterwards, with gRPC's event-engine poller off (voicemesh.runtime.grpc_env).
+        return self.tls_probes.get(child.kind) is not None
+
+
+def _print_table(mesh: TlsProbedMesh, seconds: float) -> None:
     print(f"voicemesh is up ({seconds:.1f} s)")
     print(f"  {'service':13} {'address':21} {'pid':>7}  log")
     for child in mesh.children.values():
@@ -37,6 +90,8 @@ def _print_table(mesh: Mesh, seconds: float) -> None:
         host = mesh.children[TRANSPORT].address.rsplit(":", 1)[0]
         print(f"page (browser, WebRTC/WebSocket): http://{host}:{mesh.http_port}")
     print(f"next:\n  voicemesh talk tests/fixtures/question_capital.wav{flag}\n  voicemesh chat{flag}")
+    if mesh.tls_probes.get("orchestrator") is not None:
+        print(f"  (the orchestrator serves TLS: talk and chat connect with {CLIENT_PREFIX}_TLS_*)")
     print("Ctrl-C stops the mesh.", flush=True)
 
 
@@ -44,8 +99,12 @@ def _up(args: argparse.Namespace) -> int:
     services = (*ALL_SERVICES, TRANSPORT)
     ports = {kind: getattr(args, "port" if kind == "orchestrator" else f"{kind}_port") for kind in services}
     say = _say
-    mesh = Mesh(ports=ports, host=args.host, log_dir=args.log_dir, ready_timeout=args.ready_timeout, progress=_say,
-                services=services, http_port=args.http_port)
+    try:
+        mesh = TlsProbedMesh(ports=ports, host=args.host, log_dir=args.log_dir, ready_timeout=args.ready_timeout,
+                             progress=_say, services=services, http_port=args.http_port)
+    except MeshError as err:
+        say(f"error: {err}")
+        return 1
     # SIGINT too, explicitly: started in the background by a shell without job control (a
     # script), a process inherits SIGINT ignored, and Python then installs no handler for it.
     for sig in STOP_SIGNALS:

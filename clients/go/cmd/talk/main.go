@@ -1,6 +1,10 @@
 // talk: a WAV in (streamed in real time, as a microphone would), the conversation out.
 //
-//	talk [-addr host:port] [-out reply.wav] [-json] [-system-prompt T] [-voice V] [-token T] [-tls] [-wait-after 20s] IN.wav
+//	talk [-addr host:port] [-out reply.wav] [-json] [-system-prompt T] [-voice V] [-wait-after 20s]
+//	     [-api-key K] [-tls] [-ca-file F] [-cert-file F -key-file F] [-server-name N] IN.wav
+//
+// The key and TLS default to the environment, as for `voicemesh talk`: VOICEMESH_API_KEY (or
+// _FILE) and VOICEMESH_CLIENT_TLS_CA_FILE, _CERT_FILE, _KEY_FILE, _SERVER_NAME (docs/clients.md).
 //
 // Prints each turn (transcript, reply, latency) or, with -json, one JSON object like
 // `voicemesh talk --json`. Latency is measured from the input audio itself: a speech segment
@@ -128,8 +132,14 @@ func main() {
 	asJSON := flag.Bool("json", false, "print one JSON object")
 	prompt := flag.String("system-prompt", "", "system prompt")
 	voice := flag.String("voice", "", "TTS voice")
-	token := flag.String("token", "", "bearer token")
-	useTLS := flag.Bool("tls", false, "connect with TLS")
+	apiKey := flag.String("api-key", "", "API key, sent as a bearer token (default $VOICEMESH_API_KEY)")
+	flag.StringVar(apiKey, "token", "", "the same as -api-key")
+	useTLS := flag.Bool("tls", false, "connect with TLS, the system's roots")
+	var files voicemesh.TLSFiles
+	flag.StringVar(&files.CAFile, "ca-file", "", "TLS with this CA (default $VOICEMESH_CLIENT_TLS_CA_FILE)")
+	flag.StringVar(&files.CertFile, "cert-file", "", "client certificate, for mTLS (with -key-file)")
+	flag.StringVar(&files.KeyFile, "key-file", "", "client key, for mTLS")
+	flag.StringVar(&files.ServerName, "server-name", "", "check the server's certificate against this name")
 	waitAfter := flag.Duration("wait-after", 20*time.Second, "give up this long after the last event")
 	flag.Parse()
 	if flag.NArg() != 1 {
@@ -137,13 +147,22 @@ func main() {
 		flag.PrintDefaults()
 		os.Exit(2)
 	}
-	if err := run(*addr, flag.Arg(0), *out, *asJSON, *prompt, *voice, *token, *useTLS, *waitAfter); err != nil {
+	var opts []voicemesh.Option
+	if *apiKey != "" {
+		opts = append(opts, voicemesh.WithAPIKey(*apiKey))
+	}
+	if files != (voicemesh.TLSFiles{}) {
+		opts = append(opts, voicemesh.WithTLSFiles(files))
+	} else if *useTLS {
+		opts = append(opts, voicemesh.WithTLS(&tls.Config{}))
+	}
+	if err := run(*addr, flag.Arg(0), *out, *asJSON, *prompt, *voice, opts, *waitAfter); err != nil {
 		fmt.Fprintln(os.Stderr, "talk:", err)
 		os.Exit(1)
 	}
 }
 
-func run(addr, in, out string, asJSON bool, prompt, voice, token string, useTLS bool, waitAfter time.Duration) error {
+func run(addr, in, out string, asJSON bool, prompt, voice string, opts []voicemesh.Option, waitAfter time.Duration) error {
 	raw, err := os.ReadFile(in)
 	if err != nil {
 		return err
@@ -151,13 +170,6 @@ func run(addr, in, out string, asJSON bool, prompt, voice, token string, useTLS 
 	format, data, err := voicemesh.DecodeWAV(raw)
 	if err != nil {
 		return err
-	}
-	var opts []voicemesh.Option
-	if token != "" {
-		opts = append(opts, voicemesh.WithToken(token))
-	}
-	if useTLS {
-		opts = append(opts, voicemesh.WithTLS(&tls.Config{}))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
