@@ -12,7 +12,11 @@ What is proved (docs/reliability.md, "Faults"), each on live sessions:
   (final_transcript_give_up_secs) and its stream reopened; a stalled LLM or TTS call is ended by
   the reply watchdog (VOICEMESH_REPLY_STALL_SECS); the next turn is answered;
 - the orchestrator killed: its clients get UNAVAILABLE;
-- every STT replica gone: the session ends with a fatal Error after its reopen attempts.
+- every STT replica gone: the session ends with a fatal Error after its reopen attempts;
+- the VAD replica holding the multiplexed DetectMany call hangs (a BackendGate in front of the real
+  VAD service stops reading and answering): the call is failed once a write waits WRITE_STALL_S,
+  and the sessions go on over a fresh call; when every call hangs, the restarts are bounded as a
+  session's own reopens are (REOPEN_ATTEMPTS), then the session ends with a fatal Error.
 
 The time to recover is measured and printed (a figure, never asserted). Nothing waits on a sleep:
 every wait is on a state (a Converse event, Envoy's /clusters, a process exit) with a deadline.
@@ -31,9 +35,12 @@ import numpy as np
 import pytest
 
 from support import (
-    PCM16_16K, START_S, WAIT_S, ConverseProbe, Processes, event_is, fake_env, free_ports, silence, tone, wait_serving,
+    PCM16_16K, START_S, WAIT_S, ConverseProbe, Processes, backend_env, event_is, fake_env, fake_mesh, free_port, free_ports,
+    silence, tone, wait_serving,
 )
 from test_envoy import ENVOY, WEATHER, Rig, flagged, one_open_call, render, wait_until
+from test_limits import BackendGate
+from voicemesh.orchestrator.forwarding import REOPEN_ATTEMPTS
 from voicemesh.runtime.fakes import FakeScript
 from voicemesh.v1 import orchestrator_pb2 as pb
 
@@ -304,3 +311,80 @@ async def test_every_stt_replica_gone_ends_the_session_with_a_fatal_error(rig):
         (error,) = talk.probe.of("error")
         assert error.fatal and error.source == "stt" and "giving up" in error.message, error
         figure("stt-gone", session_ended_after_s=f"{over_at - killed_at:.2f}", message=repr(error.message[-70:]))
+
+
+# -- a hung VAD replica under the multiplexed call ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gated_vad(tmp_path_factory):
+    """The fake services, and an orchestrator with the multiplexed VAD call (VOICEMESH_VAD_MULTIPLEX=1)
+    whose VAD is a BackendGate in front of the real VAD service."""
+    procs = Processes(tmp_path_factory.mktemp("hung-vad"))
+    try:
+        mesh = fake_mesh(procs, SCRIPT, services=KINDS, name="fakes")
+        gate = BackendGate(mesh.address("vad"))
+        port = free_port()
+        env = {**backend_env(mesh), "VOICEMESH_VAD_ADDR": gate.address, "VOICEMESH_VAD_MULTIPLEX": "1"}
+        proc = procs.serve("orchestrator", port, env, name="orchestrator-gated-vad")
+        wait_serving(f"127.0.0.1:{port}", proc, START_S)
+        yield f"127.0.0.1:{port}", gate
+    finally:
+        procs.stop_all()
+        gate.stop()
+
+
+async def keep_talking(probe: ConverseProbe, predicate) -> pb.ConverseResponse:
+    """A caller that keeps saying short things (a microphone never stops sending) until an event
+    satisfies `predicate`; returns it."""
+    stop = asyncio.Event()
+
+    async def microphone() -> None:
+        while not stop.is_set():  # one utterance at a time, so it stops between them
+            await probe.send_audio(np.concatenate((tone(0.6), silence(1.0))))
+
+    mic = asyncio.create_task(microphone())
+    try:
+        return await probe.wait_for(predicate)
+    finally:
+        stop.set()
+        await asyncio.gather(mic, return_exceptions=True)  # a write after the stream ended: wait_for said why
+
+
+async def test_a_hung_vad_replica_under_the_multiplexed_call_is_left(gated_vad):
+    address, gate = gated_vad
+    async with Talk(address) as talk:
+        await talk.speak()  # the multiplexed call answers: it is alive
+        before = gate.calls["DetectMany"]
+        gate.hang(new_calls=False)  # the replica holding the call stops; a new call goes elsewhere
+        hung_at = time.monotonic()
+        await keep_talking(talk.probe, event_is("turn_ended", turn_number=2))
+        error, told_at = await error_from(talk, "vad")
+        assert error.code == "DEADLINE_EXCEEDED" and "stopped reading" in error.message and not error.fatal, error
+        assert "reopened (1 attempt" in error.message, error
+        assert talk.lost() == [] and gate.calls["DetectMany"] == before + 1, (talk.outcomes(), gate.calls)
+        assert not talk.probe.of("session_ended"), talk.probe.kinds()
+        figure("vad-hung[orchestrator-mux]", told_after_s=f"{told_at - hung_at:.2f}", turns=len(talk.outcomes()))
+
+
+async def test_every_vad_call_hanging_ends_the_session_after_bounded_restarts(gated_vad):
+    address, gate = gated_vad
+    async with Talk(address) as talk:
+        await talk.speak()
+        before = gate.calls["DetectMany"]
+        gate.hang(new_calls=True)  # every replica: the call in use and each one opened after it
+        hung_at = time.monotonic()
+        try:
+            ended = await keep_talking(talk.probe, lambda e: e.HasField("session_ended"))
+        finally:
+            gate.hang(new_calls=False)  # the calls open now stay hung; new ones pass again
+        over_at = time.monotonic()
+        assert ended.session_ended.reason == pb.SessionEnded.REASON_ERROR, talk.probe.kinds()
+        (error,) = talk.probe.of("error")  # nothing claimed the stream was back in between
+        assert error.fatal and error.source == "vad" and "giving up" in error.message, error
+        calls = gate.calls["DetectMany"] - before
+        assert calls <= 1 + REOPEN_ATTEMPTS, (calls, error)
+    async with Talk(address) as later:  # a later session starts afresh, on a call that answers
+        await later.speak()
+    figure("vad-all-hung[orchestrator-mux]", new_calls=calls, session_ended_after_s=f"{over_at - hung_at:.1f}",
+           message=repr(error.message[-90:]))

@@ -82,3 +82,56 @@ def validate(config: pb.SessionConfig) -> None:
         raise InvalidInput("Converse: tool names must be unique")
     if any(strategy not in pb.MuteStrategy.values() or strategy == 0 for strategy in config.mute_strategies):
         raise InvalidInput("Converse: unknown mute strategy")
+
+
+LISTED = 20  # names given in a refusal; Info has them all
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - LISTED} more (see the service's Info)" if len(names) > LISTED else ""
+    return ", ".join(names[:LISTED]) + more
+
+
+def unknown_voice(voice: str, voices: list[str]) -> str | None:
+    """Why `voice` is refused, or None. An empty list says nothing (a provider that cannot list them)."""
+    if not voice or not voices or voice in voices:
+        return None
+    return f"Converse: voice {voice!r} is not one of the TTS service's voices; available: {_listed(voices)}"
+
+
+def served_languages(stt_info) -> list[str]:
+    """The languages an STT service's Info lists (details["languages"], comma-separated), if any."""
+    raw = stt_info.info.details.get("languages", "") if stt_info is not None else ""
+    return [code.strip() for code in raw.split(",") if code.strip()]
+
+
+def unknown_language(language: str, languages: list[str]) -> str | None:
+    """Why `language` is refused, or None. A bare language ("en") matches any of its regions ("en-US"),
+    as the STT providers resolve it."""
+    if not language or not languages:
+        return None
+    asked = language.lower()
+    if any(code.lower() == asked or ("-" not in asked and code.lower().split("-")[0] == asked) for code in languages):
+        return None
+    return f"Converse: language {language!r} is not one the STT service recognises; available: {_listed(sorted(languages))}"
+
+
+async def check_against_backends(config: pb.SessionConfig, clients) -> None:
+    """Refuse a voice the TTS service does not list, or a language the STT service does not, before
+    the session starts (else its first turn would fail). From their Info answers, cached per endpoint
+    (clients.InfoCache); a miss asks again at once, so a voice deployed since the last answer works.
+
+    An Info that cannot be fetched refuses nothing: the backend may be restarting or briefly
+    unreachable (behind Envoy, no healthy host for a moment), and refusing every session for that
+    would turn a blip into an outage; the turn that needs the backend reports its failure in-band."""
+    checks = [("tts", config.voice, lambda info: unknown_voice(config.voice, list(info.voices))),
+              ("stt", config.language, lambda info: unknown_language(config.language, served_languages(info)))]
+    for kind, asked, why in checks:
+        if not asked:
+            continue
+        info, fetched_at = await clients.info(kind)
+        if info is None or why(info) is None:
+            continue
+        info, _ = await clients.info(kind, older_than=fetched_at)  # a miss: the service may have it by now
+        if info is not None and (reason := why(info)) is not None:
+            raise InvalidInput(reason)

@@ -37,7 +37,6 @@ import grpc
 import numpy as np
 
 from voicemesh.orchestrator import events
-from voicemesh.orchestrator.clients import SerialStream
 from voicemesh.v1 import common_pb2, stt_pb2, vad_pb2
 
 log = logging.getLogger("voicemesh.session")
@@ -56,9 +55,12 @@ REOPEN_CONFIRM_S = 2.0  # a reopened call that lives this long ends the outage (
 REPLAY_PREROLL_MS = {"vad": 300, "stt": 500}  # audio before the speech start given to a reopened call
 REPLAY_PIECE_MS = 500  # replayed audio in 500 ms messages (services refuse over 1 s)
 # Codes that say the request itself is wrong: reopening would fail the same way, so they end the session.
+# RESOURCE_EXHAUSTED is not one: a service at its own cap (or a stream that fell behind) says "not now,
+# not here", and the reopen may land on another replica, or on this one once it has room.
 FATAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND,
-               grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+               grpc.StatusCode.OUT_OF_RANGE}
+AT_CAPACITY = "RESOURCE_EXHAUSTED"  # an outage whose attempts run out on this code waits for room instead of ending
 
 
 
@@ -269,12 +271,13 @@ class Outage:
     attempts: int = 0
     confirm_at: float | None = None
     replayed: str = ""
+    waiting_for_room: bool = False  # the attempts ran out on AT_CAPACITY: the client was told, and it goes on
 
 
 class StreamKeeper:
     """Base of Session: keeps its VAD and STT streams for the whole session (see the module
     docstring and docs/reliability.md). Uses the Session's links, clients, controller, caller
-    audio, `_stream_config`, `emit`, `tracing` and `clock`."""
+    audio, `_open_call`, `_stream_config`, `emit`, `tracing` and `clock`."""
 
     async def _keep(self, link: StreamLink, handle) -> None:
         """Read one session-long stream for the whole session, reopening its call when it fails."""
@@ -284,7 +287,7 @@ class StreamKeeper:
                 async for response in link.call:
                     await handle(response)
             except grpc.aio.AioRpcError as err:
-                if err.code() in FATAL_CODES:
+                if err.code() in FATAL_CODES or getattr(link.call, "gave_up", False):  # gave_up: mux.MultiplexedStream
                     raise StreamFailed(link.kind, err.code().name, err.details()) from None
                 code, details = err.code().name, err.details()
             except asyncio.CancelledError:
@@ -300,11 +303,13 @@ class StreamKeeper:
             outage = self._outages[link.kind] = Outage(code, details, self.clock())
             log.warning("session %s: the %s stream failed (%s: %s); reopening it", self.session_id, link.kind, code, details)
         if outage.attempts >= REOPEN_ATTEMPTS:
-            raise StreamFailed(link.kind, code, f"{details} (the stream was reopened {outage.attempts} times in "
-                                                f"{self.clock() - outage.since:.1f} s; giving up)")
-        await asyncio.sleep(REOPEN_BACKOFF_S[outage.attempts])
+            if code != AT_CAPACITY:
+                raise StreamFailed(link.kind, code, f"{details} (the stream was reopened {outage.attempts} times in "
+                                                    f"{self.clock() - outage.since:.1f} s; giving up)")
+            self._wait_for_room(link.kind, outage, details)
+        await asyncio.sleep(REOPEN_BACKOFF_S[min(outage.attempts, REOPEN_ATTEMPTS - 1)])
         outage.attempts += 1
-        call = self.clients.open_vad_stream() if link.kind == "vad" else SerialStream(self.clients.stt.Recognize())
+        call = self._open_call(link.kind)
         base, replay, outage.replayed = self._replay(link)
         link.hold()  # writes wait: the new call gets its config and the replay first
         try:
@@ -319,6 +324,21 @@ class StreamKeeper:
         finally:
             link.resume(call, base)
         outage.confirm_at = self.clock() + REOPEN_CONFIRM_S
+
+    def _wait_for_room(self, kind: str, outage: Outage, details: str) -> None:
+        """Every replica refused the stream for capacity: the session goes on (typed turns need
+        no VAD or STT) and tries again every REOPEN_BACKOFF_S[-1]; the client is told once, and
+        again when the stream is back. A failure with another code from here on ends the session."""
+        outage.code = AT_CAPACITY
+        if outage.waiting_for_room:
+            return
+        outage.waiting_for_room = True
+        message = (f"the {kind} service refused the stream: it is at capacity ({AT_CAPACITY}: {details}); it was reopened "
+                   f"{outage.attempts} times in {self.clock() - outage.since:.1f} s; the session goes on without "
+                   f"spoken input (typed input still works) and tries again every {REOPEN_BACKOFF_S[-1]:g} s")
+        log.warning("session %s: %s", self.session_id, message)
+        self.tracing.error(AT_CAPACITY, kind)
+        self.emit(events.error(AT_CAPACITY, message, kind, fatal=False))
 
     def _replay(self, link: StreamLink) -> tuple[int, list, str]:
         """What a reopened call is given again: (its first sample in the session's frame, the
@@ -357,6 +377,8 @@ class StreamKeeper:
         for kind, outage in list(self._outages.items()):
             link = self.vad_call if kind == "vad" else self.stt_call
             if outage.confirm_at is None or self.clock() < outage.confirm_at or link.done():
+                continue
+            if not getattr(link.call, "proven", True):  # a multiplexed call that has not answered yet (mux.py)
                 continue
             del self._outages[kind]
             message = (f"the {kind} stream failed ({outage.code}: {outage.details}); it was reopened "

@@ -13,6 +13,16 @@ iteration of responses, `cancel`, `done`. Its in-band error is raised from the i
 as an `AioRpcError`, so a session handles a failed multiplexed stream and a failed call
 the same way. When the call itself fails, every stream on it fails with its status and
 the next stream opened starts a fresh call.
+
+Faults, bounded as a session's own stream is (forwarding.StreamKeeper, the same rules): a
+write on the call that waits WRITE_STALL_S means the service stopped reading (a hung replica:
+it accepts and never answers), and the call is failed, so that the sessions' reopened streams
+go to a fresh call (behind Envoy, on another replica) instead of joining the hung one. The
+restarts of the call are counted per outage: one that fails before its call proved alive (it
+answered something, or held QUIET_CONFIRM_S: a hung call can hold a few seconds before its
+writes stall, so holding REOPEN_CONFIRM_S proves nothing here) is the next attempt; after
+REOPEN_ATTEMPTS the streams on it fail for good (`gave_up`: their sessions end with a fatal
+Error, as when their own attempts run out), and the next stream opened starts afresh.
 """
 from __future__ import annotations
 
@@ -21,11 +31,14 @@ import logging
 
 import grpc
 
+from voicemesh.orchestrator.forwarding import REOPEN_ATTEMPTS, WRITE_STALL_S
+
 log = logging.getLogger("voicemesh.mux")
 
 LINGER_S = 0.01  # the longest a message that is not urgent waits for others to join it
 BATCH_BYTES = 1 << 20  # one request stays well under the 4 MiB message limit
 BACKLOG_BYTES = 16 << 20  # writers wait when this much is queued (the service is not keeping up)
+QUIET_CONFIRM_S = 30.0  # a call that answered nothing is trusted after this long (a VAD with no speech says nothing)
 _ENDED = object()
 
 
@@ -39,6 +52,7 @@ class MultiplexedStream:
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._error: grpc.aio.AioRpcError | None = None
         self._cancelled = False
+        self.gave_up = False  # failed because the multiplexed call's restarts ran out: not worth reopening
 
     async def write(self, request, urgent: bool = True) -> None:
         if self._error is not None:
@@ -66,12 +80,18 @@ class MultiplexedStream:
     def cancelled(self) -> bool:
         return self._cancelled
 
+    @property
+    def proven(self) -> bool:
+        """The call under this stream has answered something (or held QUIET_CONFIRM_S): a session
+        reopening onto it waits for this before it calls its outage over."""
+        return self._mux.proven()
+
     def deliver(self, response) -> None:
         self._inbox.put_nowait(response)
 
-    def fail(self, error: grpc.aio.AioRpcError) -> None:
+    def fail(self, error: grpc.aio.AioRpcError, gave_up: bool = False) -> None:
         if not self.done():
-            self._error = error
+            self._error, self.gave_up = error, gave_up
             self._inbox.put_nowait(error)
 
 
@@ -92,6 +112,10 @@ class StreamMultiplexer:
         self._linger: asyncio.TimerHandle | None = None  # wakes the writer for messages that are not urgent
         self._room = asyncio.Event()
         self._room.set()
+        self._started_at = 0.0  # when the current call started (the loop's clock)
+        self._proven = False  # the current call has answered something
+        self._restarts = 0  # calls started since one last proved alive: the outage's attempts
+        self._outage_since: float | None = None
 
     @property
     def open_streams(self) -> int:
@@ -125,6 +149,9 @@ class StreamMultiplexer:
             self._linger = asyncio.get_running_loop().call_later(LINGER_S, self._wakeup.set)
 
     def _start(self) -> None:
+        if self._outage_since is not None:
+            self._restarts += 1
+        self._started_at, self._proven = asyncio.get_running_loop().time(), False
         call = self._call = self._open_call()  # nothing is pending: _fail emptied it
         self._tasks = [asyncio.create_task(self._write_loop(call)), asyncio.create_task(self._read_loop(call))]
 
@@ -138,7 +165,11 @@ class StreamMultiplexer:
                     self._linger = None
                 while self._pending:
                     batch = self._take_batch()
-                    await call.write(self._request_cls(messages=batch))
+                    async with asyncio.timeout(WRITE_STALL_S):  # flow control full: nobody reads
+                        await call.write(self._request_cls(messages=batch))
+        except TimeoutError:
+            self._fail(call, rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.service}: a write on the multiplexed "
+                                       f"call waited {WRITE_STALL_S:.0f} s: the service stopped reading"))
         except grpc.aio.AioRpcError as err:
             self._fail(call, err)
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as err:  # the call finished under us
@@ -164,6 +195,8 @@ class StreamMultiplexer:
     async def _read_loop(self, call) -> None:
         try:
             async for response in call:
+                if not self._proven:  # it answers: the outage, if any, is over
+                    self._proven, self._restarts, self._outage_since = True, 0, None
                 for event in response.events:
                     stream = self._streams.get(event.stream_id)
                     if stream is None:
@@ -185,6 +218,11 @@ class StreamMultiplexer:
         """The call is gone: every stream on it fails; the next open() starts a new call."""
         if self._call is not call:
             return
+        gave_up = self._count_failure()
+        if gave_up:
+            error = rpc_error(error.code(), f"{error.details()} (the multiplexed call was restarted {self._restarts} times "
+                                            f"in {asyncio.get_running_loop().time() - self._outage_since:.1f} s; giving up)")
+            self._restarts, self._outage_since = 0, None  # the next stream opened tries afresh
         if self._streams:
             log.warning("%s multiplexed call failed (%d streams): %s %s", self.service, len(self._streams),
                         error.code().name, error.details())
@@ -196,12 +234,25 @@ class StreamMultiplexer:
                 task.cancel()
         streams, self._streams = self._streams, {}
         for stream in streams.values():
-            stream.fail(error)
+            stream.fail(error, gave_up)
         self._pending, self._pending_bytes = [], 0
         if self._linger is not None:  # nothing of this call is left to wait for
             self._linger.cancel()
             self._linger = None
         self._room.set()
+
+    def proven(self) -> bool:
+        now = asyncio.get_running_loop().time()
+        return self._call is not None and (self._proven or now - self._started_at >= QUIET_CONFIRM_S)
+
+    def _count_failure(self) -> bool:
+        """The current call failed: start or go on with an outage; True when its attempts ran out."""
+        now = asyncio.get_running_loop().time()
+        if self.proven():
+            self._restarts, self._outage_since = 0, now  # it was alive: a new outage begins
+        elif self._outage_since is None:
+            self._outage_since = self._started_at  # the first call never proved alive
+        return self._restarts >= REOPEN_ATTEMPTS
 
     async def close(self) -> None:
         if self._call is not None:

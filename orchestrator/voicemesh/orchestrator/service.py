@@ -1,8 +1,11 @@
 """The orchestrator service: the public Converse API over the VAD, STT, LLM and TTS services.
 
 Limits (docs/reliability.md): VOICEMESH_MAX_SESSIONS open Converse calls at most (beyond it a
-call ends with RESOURCE_EXHAUSTED before any session state is made); per session, the limits
-of session.SessionLimits, which end that call alone with RESOURCE_EXHAUSTED.
+call ends with RESOURCE_EXHAUSTED before any session state is made); the SessionConfig within
+VOICEMESH_CONFIG_TIMEOUT_SECS of the call's start (a call holds its place from the start, so one
+that sends nothing must not hold it for ever: DEADLINE_EXCEEDED); per session, the limits of
+session.SessionLimits, which end that call alone with RESOURCE_EXHAUSTED. A voice or language
+the backends do not have is refused at config time (config.check_against_backends).
 """
 from __future__ import annotations
 
@@ -13,15 +16,18 @@ import os
 import grpc
 
 from voicemesh.orchestrator.clients import ServiceClients
+from voicemesh.orchestrator.config import check_against_backends
 from voicemesh.orchestrator.session import Session, SessionLimits
 from voicemesh.runtime.config import ServeSettings
-from voicemesh.runtime.errors import ResourceExhausted, first_message, stream_guard
+from voicemesh.runtime.errors import DeadlineExceeded, ResourceExhausted, first_message, stream_guard
 from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.runtime.server import ServiceDefinition, ServicerBase
 from voicemesh.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 log = logging.getLogger("voicemesh.orchestrator")
 MAX_SESSIONS_ENV = "VOICEMESH_MAX_SESSIONS"
+CONFIG_TIMEOUT_ENV = "VOICEMESH_CONFIG_TIMEOUT_SECS"
+DEFAULT_CONFIG_TIMEOUT_S = 10.0
 
 
 def max_sessions() -> int:
@@ -30,6 +36,29 @@ def max_sessions() -> int:
     if raw and not raw.isdigit():
         raise ValueError(f"{MAX_SESSIONS_ENV}={raw!r}: expected a whole number of sessions (0: no cap)")
     return int(raw or 0)
+
+
+def config_timeout_secs() -> float:
+    """VOICEMESH_CONFIG_TIMEOUT_SECS: how long a Converse call may take to send its SessionConfig; 0: no limit."""
+    raw = os.environ.get(CONFIG_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_CONFIG_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{CONFIG_TIMEOUT_ENV}={raw!r}: expected a number of seconds >= 0 (0: no limit)")
+    return value
+
+
+async def _read_config(request_iterator, timeout_s: float):
+    """The call's SessionConfig, within `timeout_s` (0: no limit)."""
+    try:
+        async with asyncio.timeout(timeout_s or None):
+            return await first_message(request_iterator, "config", "Converse")
+    except TimeoutError:
+        raise DeadlineExceeded(f"Converse: no SessionConfig came within {timeout_s:g} s of the call's start "
+                               f"({CONFIG_TIMEOUT_ENV}={timeout_s:g}); send the config as the first message, "
+                               "as soon as the call is open") from None
 
 
 async def _abort(context: grpc.aio.ServicerContext, message: str) -> None:
@@ -50,6 +79,7 @@ class OrchestratorServicer(ServicerBase, orchestrator_pb2_grpc.OrchestratorServi
         self.clients: ServiceClients | None = None
         self.active_sessions = 0
         self.max_sessions = max_sessions()
+        self.config_timeout_s = config_timeout_secs()  # read at startup, like every limit
         self.limits = SessionLimits.from_env()  # read at startup: a bad value stops the process, loudly
         self._aborts: set[asyncio.Task] = set()
         self.ended_by_limits = 0  # sessions ended with RESOURCE_EXHAUSTED for a client that does not read
@@ -75,7 +105,8 @@ class OrchestratorServicer(ServicerBase, orchestrator_pb2_grpc.OrchestratorServi
                                         f"({MAX_SESSIONS_ENV}={self.max_sessions}); retry later or on another replica")
             self.active_sessions += 1  # counted from here: sessions waiting for their config hold a place too
             try:
-                config = await first_message(request_iterator, "config", "Converse")
+                config = await _read_config(request_iterator, self.config_timeout_s)
+                await check_against_backends(config, self.clients)  # before any session state, like Session's own checks
                 session = Session(config, self.clients, context.invocation_metadata(), limits=self.limits)
                 writing = [False, False]  # the handler is in `yield` (maybe stuck: the client does not read); aborted
                 session.on_overflow = lambda message: self._overflowed(context, message, writing)

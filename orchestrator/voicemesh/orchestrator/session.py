@@ -160,8 +160,8 @@ class Session(EffectRunner, StreamKeeper):
     async def run(self, request_iterator) -> None:
         """Drive the session until it ends; events go to self.events, then None."""
         self._closed = asyncio.get_running_loop().create_future()
-        self.vad_call = StreamLink("vad", self.clients.open_vad_stream(), PIPELINE_RATE_HZ)
-        self.stt_call = StreamLink("stt", SerialStream(self.clients.stt.Recognize()), PIPELINE_RATE_HZ)
+        self.vad_call = StreamLink("vad", self._open_call("vad"), PIPELINE_RATE_HZ)
+        self.stt_call = StreamLink("stt", self._open_call("stt"), PIPELINE_RATE_HZ)
         # The least stop wait the VAD may use (taking 0.2 s where it turns out 0.8 only makes
         # the urgent frames start early, which costs writes, not latency).
         stop_ms = round(smart_turn_and_stop_secs(self.config)[1] * 1000)
@@ -214,6 +214,10 @@ class Session(EffectRunner, StreamKeeper):
     async def _open_streams(self) -> None:
         await self.vad_call.write(self._stream_config("vad"))
         await self.stt_call.write(self._stream_config("stt"))
+
+    def _open_call(self, kind: str):
+        """A new VAD or STT call (at the start, and for each reopen)."""
+        return self.clients.open_vad_stream() if kind == "vad" else SerialStream(self.clients.stt.Recognize())
 
     def _stream_config(self, kind: str):
         stream_format = common_pb2.AudioFormat(
