@@ -181,9 +181,14 @@ async def test_rotated_key_file_applies_without_restart(keyed):
         assert (await status(KEY_A), await status(KEY_B)) == (grpc.StatusCode.OK, grpc.StatusCode.OK)
         write_atomically(keys, f"{digest(KEY_B)}\n")  # the old key retired
         assert (await status(KEY_A), await status(KEY_B)) == (UNAUTH, grpc.StatusCode.OK)
-        write_atomically(keys, "not a digest\n")  # a broken update keeps the keys in force
+        # A broken update keeps the keys in force that it still lists, and adds none.
+        write_atomically(keys, f"{digest(KEY_A)}\n{digest(KEY_B)}\nnot a digest\n")
         assert (await status(KEY_A), await status(KEY_B)) == (UNAUTH, grpc.StatusCode.OK)
         assert _log_count(logs / "orchestrator.log", "API keys file not reloaded") >= 1
+        write_atomically(keys, f"{digest(KEY_A)}\n{digest(KEY_B)}\n")
+        assert (await status(KEY_A), await status(KEY_B)) == (grpc.StatusCode.OK, grpc.StatusCode.OK)
+        write_atomically(keys, f"{digest(KEY_B)}\nnot a digest\n")  # a removal and a typo in one edit: still removed
+        assert (await status(KEY_A), await status(KEY_B)) == (UNAUTH, grpc.StatusCode.OK)
         write_atomically(keys, "# every key revoked\n")  # emptied on purpose: the door shuts
         assert (await status(KEY_A), await status(KEY_B)) == (UNAUTH, UNAUTH)
     finally:

@@ -115,6 +115,8 @@ def test_room_waits_while_more_than_the_bound_is_queued_and_clear_frees_it():
         for i in range(chunks):
             playout.audio(chunk(1 + i % 200, turn=2), CHUNK_S, 2)
         waiting = asyncio.create_task(playout.room())
+        await asyncio.sleep(0)
+        assert not waiting.done()  # blocked until the playout task sends some
         task = asyncio.create_task(playout.run())
         await asyncio.wait_for(waiting, DRAIN_S)
         assert playout.queued_seconds <= MAX_QUEUED_SECONDS
@@ -136,5 +138,22 @@ def test_a_held_reply_past_the_bound_waits_for_its_release():
         held.release()  # the turn was confirmed: everything moves to the playout, which plays it
         await asyncio.wait_for(waiting, DRAIN_S)
         task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_clear_ends_a_wait_for_the_drain():
+    """A session ending after its last reply waits for the playout to drain; a barge-in that clears
+    the queue meanwhile must end that wait, not leave it hanging."""
+    async def scenario():
+        playout = Playout([].append, lead_seconds=0.0)
+        playout.audio(chunk(0), CHUNK_S, 1)
+        for i in range(5):
+            playout.audio(chunk(1 + i), CHUNK_S, 1)
+        draining = asyncio.create_task(playout.drained())
+        await asyncio.sleep(0)
+        assert not draining.done()  # no playout task: nothing sends, nothing drains
+        playout.clear(turn_number=1)
+        await asyncio.wait_for(draining, DRAIN_S)
 
     asyncio.run(scenario())

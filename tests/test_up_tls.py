@@ -1,5 +1,5 @@
 """`voicemesh up` with every service on mTLS (a CA made here): its health probes speak TLS with
-the hop's client settings, so it comes up, and a session goes through it; mTLS required without
+the hop's client settings, so it comes up with every port on mTLS; mTLS required without
 a client certificate stops it before anything starts, saying which setting is missing."""
 from __future__ import annotations
 

@@ -196,6 +196,9 @@ func (c *Client) Start(ctx context.Context, cfg *pb.SessionConfig) (*Session, er
 		if err == io.EOF {
 			err = status.Error(codes.Internal, "the stream closed before SessionStarted")
 		}
+		if _, headerErr := stream.Header(); headerErr == nil {
+			return nil, err // the orchestrator answered: its status says what is wrong, not the connection
+		}
 		return nil, c.explain(err)
 	}
 	started := first.GetSessionStarted()

@@ -67,6 +67,9 @@ function sessionConfig(config = {}) {
   return out;
 }
 
+// grpc-js's own words when no call reached a server (refused, TLS handshake failed, reset).
+const CONNECTION_FAILED = /no connection established|connection dropped|failed to connect|ECONNREFUSED|handshake|protocol error/i;
+
 class Client {
   /**
    * @param {string} [address] host:port; default $VOICEMESH_ORCHESTRATOR_ADDR or 127.0.0.1:50051
@@ -78,9 +81,10 @@ class Client {
   constructor(address, options = {}) {
     const pkg = loadPackage();
     this.address = address || defaultAddress();
-    this.options = { ...options }; // without the key, so printing the client never shows it
+    this.options = { ...options }; // without the key or TLS material, so printing the client never shows them
     delete this.options.apiKey;
     delete this.options.token;
+    delete this.options.tls;
     const { credentials, channelOptions, secure } = channelCredentials(options);
     this.secure = secure;
     Object.defineProperty(this, '_apiKey', { value: apiKey(options), enumerable: false });
@@ -110,6 +114,8 @@ class Client {
    */
   async start(config = {}, { startTimeoutMs = 30000, signal } = {}) {
     const call = this.stub.Converse(this.metadata());
+    let answered = false; // response headers came: an UNAVAILABLE after that is the server's own
+    call.on('metadata', () => { answered = true; });
     const session = new Session(call);
     if (signal) {
       // An already-aborted signal drops the call at once; the listener goes when the call ends.
@@ -124,7 +130,9 @@ class Client {
     try {
       await session._started(startTimeoutMs);
     } catch (err) {
-      if (err.code !== grpc.status.UNAVAILABLE) throw err;
+      // Only a failure to reach the orchestrator gets the connection hint; an UNAVAILABLE it
+      // sends itself (a backend down) says what is wrong in its own words.
+      if (err.code !== grpc.status.UNAVAILABLE || answered || !CONNECTION_FAILED.test(err.details || '')) throw err;
       throw new VoicemeshError(err.code, `${err.details} (${unreachableHint(this.address, this.secure)})`, err.metadata);
     }
     return session;

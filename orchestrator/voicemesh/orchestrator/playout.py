@@ -35,6 +35,10 @@ class _Marker:
     fire: Callable[[], None]
 
 
+class _Drained(_Marker):
+    """drained()'s marker: fired by clear() too, since nothing queued before it is left to send."""
+
+
 class Playout:
     def __init__(self, send: Callable[[pb.ConverseResponse], None], lead_seconds: float = 0.25,
                  on_first_audio: Callable[[int], None] = lambda turn_number: None):
@@ -96,7 +100,10 @@ class Playout:
         turn that comes later. Returns how many audio chunks were dropped."""
         self._cleared_turn = max(self._cleared_turn, turn_number)
         dropped = sum(isinstance(item, _Audio) for item in self._items)
+        waiting = [item for item in self._items if isinstance(item, _Drained)]
         self._items.clear()
+        for item in waiting:  # whoever waits for the queue to drain must not wait forever
+            item.fire()
         self._queued_seconds = 0.0
         self._room.set()
         self._clock_start = None
@@ -106,7 +113,7 @@ class Playout:
     async def drained(self) -> None:
         """Wait until everything queued so far has been sent."""
         done = asyncio.get_running_loop().create_future()
-        self.marker(lambda: done.done() or done.set_result(None))
+        self._put(_Drained(lambda: done.done() or done.set_result(None)))
         await done
 
     async def run(self) -> None:

@@ -10,9 +10,10 @@ the key and its digest.
 Callers send `authorization: Bearer <key>`. The presented key is hashed and compared with every
 stored digest by `hmac.compare_digest` (constant time, no early exit). The file is re-read when
 it changes (a stat per call: a Secret's update is an atomic symlink swap, so a new inode), so a
-rotation needs no restart; a file that turns unreadable or malformed keeps the previous keys (a
-typo must not lock every caller out), while a file emptied of digests revokes every key: emptying
-it is how an operator shuts the door, so it must not be mistaken for a bad edit.
+rotation needs no restart. A file that turns malformed keeps those of the previous keys it still
+lists (a typo must not lock every caller out, and a digest removed in the same edit is still
+revoked); one that turns unreadable keeps the previous keys; a file emptied of digests revokes
+every key: emptying it is how an operator shuts the door, so it must not be mistaken for a bad edit.
 
 On the orchestrator the check is a grpc.aio server interceptor: it runs before the handler, once
 per call, so a refused call makes no session and costs nothing per message.
@@ -91,12 +92,16 @@ class KeyStore:
             if stamp == self._stamp:
                 return
             try:
-                digests = parse_key_file(Path(self.path).read_text(), self.path, allow_empty=not initial)
+                text = Path(self.path).read_text()
+                digests = parse_key_file(text, self.path, allow_empty=not initial)
             except (OSError, ValueError) as err:
                 if initial:
                     raise SystemExit(f"API keys: {err}") from None
-                log.warning("API keys file not reloaded, keeping the previous keys: %s", err)
-                self._stamp = stamp  # one warning per change
+                listed = set(text.lower().split()) if isinstance(err, ValueError) else set(self._digests)
+                kept = tuple(d for d in self._digests if d in listed)
+                log.warning("API keys file not reloaded, keeping %d of the previous %d keys (those it still lists): %s",
+                            len(kept), len(self._digests), err)
+                self._digests, self._stamp = kept, stamp  # one warning per change
                 return
             self._digests, self._stamp = digests, stamp
             if digests:

@@ -72,13 +72,20 @@ class ServerCertificates:
 
     def load(self) -> grpc.ServerCertificateConfiguration:
         """The configuration in the files now; SystemExit saying what is wrong if they do not load."""
-        stamp = self._stamps() if all(map(os.path.exists, self.paths)) else None
+        try:
+            stamp = self._stamps()
+        except OSError:
+            stamp = None  # _read below says which file is missing
         pair = (_read(self.key_file, "private key"), _read(self.cert_file, "certificate"))
         client_ca = _read(self.client_ca_file, "client CA") if self.client_ca_file else None
         try:  # a key that does not match its certificate would fail every handshake: refuse it here
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
         except (ssl.SSLError, OSError) as err:
             raise SystemExit(f"TLS: {self.cert_file} and {self.key_file} do not load as a pair: {err}") from None
+        # load_cert_chain read the files again: if they changed in between, what was checked is
+        # not what was read; leave the stamp, so the next connection loads them afresh.
+        if (_read(self.key_file, "private key"), _read(self.cert_file, "certificate")) != pair:
+            raise SystemExit(f"TLS: {self.cert_file} changed while it was being loaded")
         self._stamp = stamp
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
 
@@ -97,7 +104,8 @@ class ServerCertificates:
             try:
                 config = self.load()
             except SystemExit as err:
-                self._stamp = stamp  # one warning per change
+                if "changed while" not in str(err):
+                    self._stamp = stamp  # one warning per change
                 log.warning("TLS certificate not reloaded, keeping the one in force: %s", err)
                 return None
             log.info("TLS certificate reloaded", extra={"cert_file": self.cert_file})
