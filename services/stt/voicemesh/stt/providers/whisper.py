@@ -10,9 +10,15 @@ once (greedy, no VAD, no timestamp tokens) and aligns words for ~5-15% more time
 the sequential `transcribe` with word timestamps seeks past the last word and decodes the
 trailing silence again (measured ~4x slower; it hallucinated "Thanks." there). That
 pipeline skips Whisper's no-speech rule, so we apply it ourselves.
+
+An optional second, smaller model (`interim_model`, e.g. tiny.en) can take the periodic
+interim decodes: captions cost less CPU and hold the worker for less time, so the pause
+decode, which becomes the final, starts sooner. Pause decodes and finals stay on the main
+model, so a pause transcript (which the orchestrator speculates on) is the final's text.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -23,8 +29,8 @@ import numpy as np
 
 from voicemesh.runtime.config import env_value
 from voicemesh.runtime.cpu import EngineCpu, engine_threads, set_omp_wait_policy, wait_policy
-from voicemesh.runtime.models import model_path
-from voicemesh.stt.models import WHISPER_BASE
+from voicemesh.runtime.models import model_path, package_file
+from voicemesh.stt.models import INTERIM_MODELS, WHISPER_BASE
 from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.stt.providers.base import SttProvider, SttStream, SttStreamConfig, Word
 from voicemesh.stt.providers.decode_queue import DecodeJob, DecodeQueue
@@ -35,10 +41,29 @@ from voicemesh.stt.providers.whisper_stream import (
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 2  # at most; fewer when the process has fewer CPUs (runtime/cpu.py)
 DEFAULT_LANGUAGE = "en"
+DEFAULT_COMPUTE_TYPE = "int8"  # measured faster than float32 on 2 CPU cores (docs/performance.md)
+COMPUTE_TYPES = ("int8", "int8_float32", "float32")
 
 
 def _whisper_language(bcp47: str) -> str:
     return bcp47.split("-")[0].lower()  # Whisper names languages by ISO 639-1: "en-US" -> "en"
+
+
+def _flag(name: str, default: str) -> bool:
+    return env_value("stt", name, default).lower() not in ("0", "false", "no", "off")
+
+
+def interim_model_dir(choice: str) -> Path | None:
+    """The interim model's folder: "auto" (tiny.en where its wheel is installed, else none),
+    "none" or "" (captions on the main model), a packaged model's name, or a folder."""
+    if choice in ("", "none"):
+        return None
+    if choice == "auto":
+        source = INTERIM_MODELS["tiny.en"]
+        return package_file(source).parent if importlib.util.find_spec(source.package) else None
+    if choice in INTERIM_MODELS:
+        return package_file(INTERIM_MODELS[choice]).parent  # says which package to install
+    return Path(choice)
 
 
 class WhisperSttProvider(SttProvider):
@@ -47,7 +72,11 @@ class WhisperSttProvider(SttProvider):
     threads (env VOICEMESH_STT_THREADS, else 2, or the CPUs available if fewer); language:
     default when a stream names none (env VOICEMESH_STT_LANGUAGE, else "en"); word_timestamps:
     word times on finals (env VOICEMESH_STT_WORD_TIMESTAMPS, default on; off saves ~5-15% of
-    the final decode).
+    the final decode); compute_type: CTranslate2's (env VOICEMESH_STT_COMPUTE_TYPE, default
+    int8); beam_size: for finals and pause decodes (env VOICEMESH_STT_BEAM_SIZE, default 1,
+    greedy); interim_model: a second model for periodic interims (env
+    VOICEMESH_STT_INTERIM_MODEL: "auto", the default, for tiny.en where its wheel is installed;
+    "tiny.en"; "none"; or a model folder).
 
     All decodes, from every stream, run one at a time on one dedicated thread: the model
     already uses `cpu_threads` cores, and parallel decodes would only slow each other down.
@@ -59,24 +88,41 @@ class WhisperSttProvider(SttProvider):
     def __init__(
         self, model_dir: str | os.PathLike | None = None, cpu_threads: int | None = None,
         language: str | None = None, word_timestamps: bool | None = None,
+        compute_type: str | None = None, beam_size: int | None = None, interim_model: str | None = None,
     ) -> None:
         self._model_dir = Path(model_dir) if model_dir else None
         self._cpu = EngineCpu(engine_threads("stt", DEFAULT_THREADS, cpu_threads), wait_policy())
         self.cpu_threads = self._cpu.threads.threads
         self.language = _whisper_language(language or env_value("stt", "language", DEFAULT_LANGUAGE))
-        if word_timestamps is None:
-            word_timestamps = env_value("stt", "word_timestamps", "1").lower() not in ("0", "false", "no", "off")
-        self.word_timestamps = word_timestamps
+        self.word_timestamps = _flag("word_timestamps", "1") if word_timestamps is None else word_timestamps
+        self.compute_type = compute_type or env_value("stt", "compute_type", DEFAULT_COMPUTE_TYPE)
+        if self.compute_type not in COMPUTE_TYPES:
+            raise ValueError(f"VOICEMESH_STT_COMPUTE_TYPE: {self.compute_type!r} is not one of {', '.join(COMPUTE_TYPES)}")
+        raw_beam = str(beam_size) if beam_size is not None else env_value("stt", "beam_size", "1")
+        if not raw_beam.isdigit() or not 1 <= int(raw_beam) <= 10:
+            raise ValueError(f"VOICEMESH_STT_BEAM_SIZE: {raw_beam!r} is not a whole number from 1 to 10")
+        self.beam_size = int(raw_beam)
+        self.interim_model = env_value("stt", "interim_model", "auto") if interim_model is None else interim_model
         self._queue = DecodeQueue("whisper")
         self._pipeline = None  # faster_whisper.BatchedInferencePipeline once loaded
+        self._interim_pipeline = None  # the interim model's, when there is one
+        self._interim_dir: Path | None = None
 
     async def load(self) -> None:
         if self._model_dir is None:
             self._model_dir = model_path(WHISPER_BASE)
         # faster-whisper treats a missing folder as a Hub repo id and would try to download it.
-        if not (self._model_dir / "model.bin").exists():
-            raise FileNotFoundError(f"no Whisper model (model.bin) in {self._model_dir}")
+        self._interim_dir = interim_model_dir(self.interim_model)
+        for folder in (self._model_dir, self._interim_dir):
+            if folder is not None and not (folder / "model.bin").exists():
+                raise FileNotFoundError(f"no Whisper model (model.bin) in {folder}")
         await self._queue.submit(self._load_sync, final=True).future
+
+    def interim_model_covers(self, language: str) -> bool:
+        """Whether captions in `language` go to the interim model (an English-only one, such as
+        tiny.en, takes English alone; other languages stay on the main model)."""
+        pipeline = self._interim_pipeline
+        return pipeline is not None and (pipeline.model.model.is_multilingual or language == "en")
 
     def _load_sync(self) -> None:
         # CTranslate2's OpenMP (its own libgomp) reads the wait policy when it loads: set it first.
@@ -84,16 +130,22 @@ class WhisperSttProvider(SttProvider):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         started = time.perf_counter()
-        model = WhisperModel(
-            str(self._model_dir), device="cpu", compute_type="int8",
-            cpu_threads=self.cpu_threads, num_workers=1, local_files_only=True,
-        )
-        self._pipeline = BatchedInferencePipeline(model)
+        def pipeline(folder: Path) -> BatchedInferencePipeline:
+            return BatchedInferencePipeline(WhisperModel(
+                str(folder), device="cpu", compute_type=self.compute_type,
+                cpu_threads=self.cpu_threads, num_workers=1, local_files_only=True,
+            ))
+
+        self._pipeline = pipeline(self._model_dir)
+        self._interim_pipeline = pipeline(self._interim_dir) if self._interim_dir else None
         # Warm-up: the first decode allocates its buffers (measured ~25% slower than the next).
         noise = np.random.default_rng(0).normal(0.0, 0.01, WHISPER_RATE_HZ).astype(np.float32)
         self.decode(noise, self.language, self.word_timestamps)
-        log.info("whisper loaded from %s in %.2f s: %s", self._model_dir, time.perf_counter() - started,
-                 self._cpu.describe())
+        if self._interim_pipeline is not None:
+            self.decode(noise, self.language, False, interim=True)
+        log.info("whisper loaded from %s%s in %.2f s: %s", self._model_dir,
+                 f" (interims: {self._interim_dir})" if self._interim_dir else "",
+                 time.perf_counter() - started, self._cpu.describe())
 
     def info(self) -> ProviderInfo:
         return ProviderInfo(
@@ -101,7 +153,9 @@ class WhisperSttProvider(SttProvider):
             model=self._model_dir.name if self._model_dir else "whisper-base",
             sample_rates_hz=(WHISPER_RATE_HZ,),
             details={
-                "compute_type": "int8", "cpu_threads": str(self.cpu_threads), **self._cpu.details(),
+                "compute_type": self.compute_type, "beam_size": str(self.beam_size),
+                "interim_model": self.interim_model, "interim_model_dir": str(self._interim_dir or ""),
+                "cpu_threads": str(self.cpu_threads), **self._cpu.details(),
                 "language": self.language,
                 "word_timestamps": str(self.word_timestamps).lower(), "interim_every_ms": str(INTERIM_EVERY_MS),
             },
@@ -114,7 +168,7 @@ class WhisperSttProvider(SttProvider):
 
     async def close(self) -> None:
         self._queue.close()  # what is queued is dropped; a running decode finishes on its thread
-        self._pipeline = None
+        self._pipeline = self._interim_pipeline = None
 
     @property
     def queue(self) -> DecodeQueue:
@@ -122,22 +176,27 @@ class WhisperSttProvider(SttProvider):
 
     def submit_decode(
         self, audio: np.ndarray, language: str, words: bool, offset_ms: int, final: bool, key: object,
+        interim: bool = False,
     ) -> DecodeJob:
         """Queue a decode (see decode_queue.py); `key` is the stream, so a newer interim of
-        the same stream replaces a queued one."""
-        return self._queue.submit(self.decode, audio, language, words, offset_ms, final=final, key=key)
+        the same stream replaces a queued one. `interim`: on the interim model, if there is one."""
+        return self._queue.submit(self.decode, audio, language, words, offset_ms, interim, final=final, key=key)
 
     async def decode_async(self, audio: np.ndarray, language: str, words: bool, offset_ms: int = 0) -> _Decoded:
         """One decode, queued as a final (ahead of interims)."""
         return await self._queue.submit(self.decode, audio, language, words, offset_ms, final=True).future
 
-    def decode(self, audio: np.ndarray, language: str, words: bool, offset_ms: int = 0) -> _Decoded:
+    def decode(
+        self, audio: np.ndarray, language: str, words: bool, offset_ms: int = 0, interim: bool = False,
+    ) -> _Decoded:
         """Blocking, on the executor: float32 16 kHz mono audio (under 30 s) -> text.
-        Word times are `offset_ms` (where the audio starts in the stream) plus their time in it."""
+        Word times are `offset_ms` (where the audio starts in the stream) plus their time in it.
+        `interim`: a caption nobody reuses: on the interim model (if any), greedy."""
         if audio.size == 0:
             return _Decoded("", 0.0, ())
-        segments, _ = self._pipeline.transcribe(
-            audio, language=language, beam_size=1, vad_filter=False,
+        pipeline = (self._interim_pipeline if interim else None) or self._pipeline
+        segments, _ = pipeline.transcribe(
+            audio, language=language, beam_size=1 if interim else self.beam_size, vad_filter=False,
             condition_on_previous_text=False, without_timestamps=True, word_timestamps=words,
         )
         kept = [s for s in segments if not (s.no_speech_prob > NO_SPEECH_PROB and s.avg_logprob < LOG_PROB_FLOOR)]

@@ -92,6 +92,7 @@ class WhisperSttStream(SttStream):
     def __init__(self, provider: WhisperSttProvider, config: SttStreamConfig, language: str) -> None:
         self._provider, self._config, self._language = provider, config, language
         self._rate = config.sample_rate_hz
+        self._captions_apart = provider.interim_model_covers(language)  # periodic interims on the interim model
         self._ring = bytearray()  # PCM16, the last WINDOW_S seconds (plus up to 5 s before a trim)
         self._ring_start = 0  # stream sample index of the ring's first sample
         self._total = 0  # samples pushed so far
@@ -104,6 +105,7 @@ class WhisperSttStream(SttStream):
         self._interim_task: asyncio.Task | None = None  # its decode queued or running
         self._interim_job: DecodeJob | None = None
         self._interim_generation = 0
+        self._interim_reusable = False  # the decode in flight is on the main model (can become the final)
         self._final_task: asyncio.Task | None = None  # the last one; each emits after the one before
         self._final_tasks: set[asyncio.Task] = set()
         self._pending_finals = 0
@@ -139,9 +141,12 @@ class WhisperSttStream(SttStream):
         if self._pause_covered() and self._pause_long_enough():
             self._announce_pause()  # a decode made before the pause was long enough covers it
         elif self._pause_needs_decode():
-            self._start_interim()
+            self._start_interim(pause=True)
         elif self._config.interim_results and self._total >= self._next_interim_at and not self._pause_covered():
-            self._start_interim()
+            if not (self._captions_apart and self._quiet_since is not None):
+                # On the interim model, a caption started in a quiet tail would hold up the pause
+                # decode that may follow; it waits for speech to resume instead.
+                self._start_interim(pause=False)
 
     def _track_pauses(self, pcm16: bytes) -> None:
         """Update the loudest frame and the start of the current quiet run (runs per pushed chunk)."""
@@ -174,8 +179,8 @@ class WhisperSttStream(SttStream):
             return False
         if self._quiet_since - self._utterance_start < self._samples(PAUSE_MS):
             return False  # no speech in this utterance yet
-        queued_covers = (self._interim_task is not None and self._interim_generation == self._generation
-                         and self._interim_end >= self._quiet_since)
+        queued_covers = (self._interim_task is not None and self._interim_reusable
+                         and self._interim_generation == self._generation and self._interim_end >= self._quiet_since)
         return not self._pause_covered() and not queued_covers
 
     def _pause_long_enough(self) -> bool:
@@ -203,7 +208,8 @@ class WhisperSttStream(SttStream):
         if latest and latest[0] == self._generation and latest[1] >= self._quiet_since:
             return latest[2]
         # Only a decode already running: a queued one costs as much as the final's own decode.
-        if self._interim_running() and self._interim_generation == self._generation and self._interim_end >= self._quiet_since:
+        if (self._interim_running() and self._interim_reusable and self._interim_generation == self._generation
+                and self._interim_end >= self._quiet_since):
             return self._interim_task
         return None
 
@@ -270,10 +276,13 @@ class WhisperSttStream(SttStream):
                 task.cancel()
         self._queue.put_nowait(_END)
 
-    def _submit(self, request: "_DecodeRequest", is_final: bool) -> "DecodeJob":
+    def _submit(self, request: "_DecodeRequest", is_final: bool, caption: bool = False) -> "DecodeJob":
+        """caption: a periodic interim, on the interim model when there is one (no word times:
+        interims carry none)."""
+        caption = caption and self._captions_apart
         return self._provider.submit_decode(
-            request.audio, self._language, self._provider.word_timestamps, request.audio_start_ms,
-            final=is_final, key=self,
+            request.audio, self._language, self._provider.word_timestamps and not caption, request.audio_start_ms,
+            final=is_final, key=self, interim=caption,
         )
 
     def _audio(self, start: int, end: int) -> tuple[int, np.ndarray]:
@@ -286,19 +295,22 @@ class WhisperSttStream(SttStream):
             audio = soxr.resample(audio, self._rate, WHISPER_RATE_HZ).astype(np.float32)
         return self._ms(start), audio
 
-    def _start_interim(self) -> None:
-        """Queue an interim decode of the open utterance; it replaces one still queued."""
+    def _start_interim(self, pause: bool) -> None:
+        """Queue an interim decode of the open utterance; it replaces one still queued.
+        pause: the decode for a pause, always on the main model (it may become the final)."""
         self._next_interim_at = self._total + self._samples(INTERIM_EVERY_MS)
         audio_start_ms, audio = self._audio(self._utterance_start - self._samples(PREROLL_MS), self._total)
         span = (self._ms(self._utterance_start), self._ms(self._total))
         self._interim_end, self._interim_generation = self._total, self._generation
-        # Same settings as a final, so a decode made in a pause can become the final.
+        # On the main model, the same settings as a final, so a decode made in a pause can become the final.
+        self._interim_reusable = pause or not self._captions_apart
         request = _DecodeRequest(audio, audio_start_ms, self._turn_id, span[0], span[1], time.perf_counter())
-        self._interim_job = self._submit(request, is_final=False)
-        self._interim_task = asyncio.create_task(self._run_interim(self._interim_job, self._generation, self._turn_id, span))
+        self._interim_job = self._submit(request, is_final=False, caption=not pause)
+        self._interim_task = asyncio.create_task(self._run_interim(
+            self._interim_job, self._generation, self._turn_id, span, self._interim_reusable))
 
     async def _run_interim(
-        self, job: "DecodeJob", generation: int, turn_id: str, span: tuple[int, int],
+        self, job: "DecodeJob", generation: int, turn_id: str, span: tuple[int, int], reusable: bool,
     ) -> "_Decoded | None":
         try:
             decoded = await job.future
@@ -310,7 +322,8 @@ class WhisperSttStream(SttStream):
                 self._interim_task = self._interim_job = None
         if decoded is None:
             return None  # dropped unrun: stale before its turn came
-        self._latest = (generation, self._samples(span[1]), decoded)
+        if reusable:
+            self._latest = (generation, self._samples(span[1]), decoded)
         if generation != self._generation or not decoded.text:
             return decoded  # finalized or replaced meanwhile, or nothing heard yet
         if self._pause_covered() and self._pause_long_enough():
