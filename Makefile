@@ -10,10 +10,10 @@ STUBS  := protos/voicemesh/v1/.stubs
 # One distribution per folder (pyproject.toml explains the layout); installed editable, each
 # with the extras of its embedded default provider. Exact versions: requirements/constraints.txt.
 DISTS  := protos services/runtime services/vad services/stt services/llm services/tts services/transport \
-          orchestrator clients/python clients/cli
+          orchestrator clients/python clients/cli clients/assistant
 EDITABLE := protos services/runtime services/vad[silero] services/stt[whisper,models,riva,aws,deepgram] \
           services/llm[llamacpp,models,openai,azure-openai,bedrock] services/tts[hibari,riva,polly,elevenlabs,cartesia] \
-          services/transport orchestrator clients/python clients/cli
+          services/transport orchestrator clients/python clients/cli clients/assistant
 # The Azure Speech SDK is proprietary (Microsoft's licence terms): never in `make install`; only
 # `make test` adds it, to test the azure providers against their fake (docs/licences.md).
 AZURE_SPEECH := $(VENV)/.azure-speech

@@ -22,7 +22,7 @@ DISTS = {  # folder -> distribution
     "protos": "voicemesh-protos", "services/runtime": "voicemesh-runtime", "services/vad": "voicemesh-vad",
     "services/stt": "voicemesh-stt", "services/llm": "voicemesh-llm", "services/tts": "voicemesh-tts",
     "services/transport": "voicemesh-transport", "orchestrator": "voicemesh-orchestrator",
-    "clients/python": "voicemesh-client", "clients/cli": "voicemesh-cli",
+    "clients/python": "voicemesh-client", "clients/cli": "voicemesh-cli", "clients/assistant": "voicemesh-assistant",
 }
 # What each service installs (its embedded default provider) and what must NOT be in its environment.
 MODEL_RUNTIMES = {"onnxruntime", "ctranslate2", "faster-whisper", "xllamacpp", "hibari-tts"}
@@ -88,7 +88,8 @@ def test_folders_spell_their_import_paths():
             if child.is_dir() and child.name != "__pycache__":
                 assert child.name not in packages_seen, f"voicemesh.{child.name} in {folder} and {packages_seen[child.name]}"
                 packages_seen[child.name] = folder
-    assert set(packages_seen) == {"v1", "runtime", "vad", "stt", "llm", "tts", "transport", "orchestrator", "client", "cli"}
+    assert set(packages_seen) == {"v1", "runtime", "vad", "stt", "llm", "tts", "transport", "orchestrator", "client", "cli",
+                                  "assistant"}
     import voicemesh.orchestrator.turns
     import voicemesh.stt.providers.whisper
 
@@ -112,9 +113,24 @@ def test_the_client_and_the_runtime_do_not_import_each_other():
     def within(modules: set[str], *packages: str) -> set[str]:
         return {m for m in modules if any(m == p or m.startswith(p + ".") for p in packages)}
 
-    assert not within(imports("clients/python/voicemesh"), "voicemesh.runtime", "voicemesh.cli")
-    assert not within(imports("services/runtime/voicemesh"), "voicemesh.client", "voicemesh.cli")
+    assert not within(imports("clients/python/voicemesh"), "voicemesh.runtime", "voicemesh.cli", "voicemesh.assistant")
+    assert not within(imports("services/runtime/voicemesh"), "voicemesh.client", "voicemesh.cli", "voicemesh.assistant")
     assert within(imports("clients/python/voicemesh"), "voicemesh.client")  # the walk found the client's imports
+    # The assistant is a client like any other: the client library and the stubs, no service code.
+    services = ("voicemesh.runtime", "voicemesh.cli", "voicemesh.orchestrator", "voicemesh.vad", "voicemesh.stt",
+                "voicemesh.llm", "voicemesh.tts", "voicemesh.transport")
+    assert not within(imports("clients/assistant/voicemesh"), *services)
+    assert within(imports("clients/assistant/voicemesh"), "voicemesh.client")
+
+
+def test_the_command_imports_the_assistant_only_when_asked():
+    """`voicemesh assistant` is an optional distribution: the command imports it inside the
+    subcommand, so every other subcommand runs where it is not installed."""
+    for path in (ROOT / "clients/cli/voicemesh/cli").rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            assert not any(name.startswith("voicemesh.assistant") for name in names), f"{path}: {names}"
 
 
 def test_models_setup_sets_up_one_service_alone(tmp_path):
@@ -190,7 +206,8 @@ def test_a_service_environment_holds_only_what_it_needs(service_envs, kind):
     forbidden = (SERVICES[kind][1] | CLOUD_SDKS) & installed
     assert not forbidden, f"the {kind} environment holds {sorted(forbidden)}"
     assert {"voicemesh-runtime", "voicemesh-protos", f"voicemesh-{kind}"} <= installed
-    others = {f"voicemesh-{other}" for other in SERVICES if other != kind} | {"voicemesh-client", "voicemesh-cli"}
+    others = {f"voicemesh-{other}" for other in SERVICES if other != kind} | {"voicemesh-client", "voicemesh-cli",
+                                                                                "voicemesh-assistant"}
     assert not others & installed, f"the {kind} environment holds {sorted(others & installed)}"
     _run([python, "-c",
           f"import voicemesh.{kind}.service; import voicemesh.v1.{kind if kind != 'transport' else 'transport'}_pb2"])

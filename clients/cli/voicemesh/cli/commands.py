@@ -1,4 +1,5 @@
-"""`voicemesh talk` and `voicemesh chat`: the client library (`voicemesh.client`) on a terminal."""
+"""`voicemesh talk`, `voicemesh chat` and `voicemesh assistant`: the client library
+(`voicemesh.client`) on a terminal."""
 from __future__ import annotations
 
 import argparse
@@ -155,6 +156,19 @@ def _talk(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def run_assistant(argv: list[str]) -> int:
+    """`voicemesh assistant`: its own distribution (voicemesh-assistant), imported only here, so
+    every other subcommand works where it is not installed; it parses its own flags."""
+    try:
+        from voicemesh.assistant import cli as assistant_cli
+    except ImportError as err:
+        print(f"error: `voicemesh assistant` needs the voicemesh-assistant distribution ({err}); install it with "
+              "`pip install -e clients/assistant` from the repository (`make install` does)", file=sys.stderr)
+        return 2
+    args = assistant_cli.build_parser().parse_args(argv)
+    return assistant_cli.run(args, read_line=None if args.wav else LineReader())
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     def common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--addr", default=default_addr(), help=f"orchestrator address (env {ADDR_ENV})")
@@ -175,3 +189,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     chat = sub.add_parser("chat", help="type to the voice agent; its replies print as they are spoken")
     common(chat)
     chat.set_defaults(handler=_chat)
+    sub.add_parser("assistant", help="the daily-life assistant: calendar, tasks, reminders, notes, smart home, e-mail "
+                   "(docs/assistant.md)", add_help=False)

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         serve.add_arguments(serve_parser)
         return serve.serve(serve.parse(serve_parser, argv[1:]))
 
+    if argv and argv[0] == "assistant":  # an optional distribution with its own flags: its own parser
+        return commands.run_assistant(argv[1:])
+
     parser = argparse.ArgumentParser(prog="voicemesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up.add_parser(sub)
