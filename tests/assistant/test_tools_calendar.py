@@ -1,5 +1,5 @@
 """The calendar tools on a real .ics file: time zones as stored and as read back, events other
-programs wrote (all-day, floating, UTC), moves, cancels, free time and bad input."""
+programs wrote (all-day, floating, UTC, recurring), moves, cancels, free time and bad input."""
 from __future__ import annotations
 
 import json
@@ -215,3 +215,111 @@ def test_an_event_on_the_day_clocks_change_keeps_its_wall_time(tmp_path):
     [event] = Calendar(tmp_path / "calendar.ics", UTC).on(date(2026, 3, 29))
     assert event.start == datetime(2026, 3, 29, 9, 0, tzinfo=UTC)  # CEST is UTC+2
     assert run(tools, "calendar_free_time", date="2026-03-29")["free"] == ["08:00-11:00", "12:00-20:00"]
+
+
+# A weekly meeting another program wrote, in New York time: Tuesdays at 09:00 from 20 October,
+# 8 December cancelled (EXDATE), 15 December moved to Wednesday 16th at 11:00 (an override),
+# and a yearly all-day birthday. Paris and New York change clocks a week apart (25 Oct, 1 Nov).
+WEEKLY = b"""BEGIN:VCALENDAR\r
+VERSION:2.0\r
+PRODID:-//Other//App//EN\r
+BEGIN:VEVENT\r
+UID:team@other\r
+SUMMARY:Team meeting\r
+DTSTART;TZID=America/New_York:20261020T090000\r
+DTEND;TZID=America/New_York:20261020T100000\r
+RRULE:FREQ=WEEKLY;BYDAY=TU\r
+EXDATE;TZID=America/New_York:20261208T090000\r
+END:VEVENT\r
+BEGIN:VEVENT\r
+UID:team@other\r
+RECURRENCE-ID;TZID=America/New_York:20261215T090000\r
+SUMMARY:Team meeting\r
+DTSTART;TZID=America/New_York:20261216T110000\r
+DTEND;TZID=America/New_York:20261216T120000\r
+LOCATION:Room 4\r
+END:VEVENT\r
+BEGIN:VEVENT\r
+UID:birthday@other\r
+SUMMARY:Ann's birthday\r
+DTSTART;VALUE=DATE:19901204\r
+RRULE:FREQ=YEARLY\r
+END:VEVENT\r
+BEGIN:VEVENT\r
+UID:undated@other\r
+SUMMARY:Someday, no start\r
+END:VEVENT\r
+END:VCALENDAR\r
+"""
+
+
+def _starts(events):
+    return [event.get("start") or event["date"] for event in events]
+
+
+def test_a_weekly_event_shows_on_each_of_its_days_in_paris(tmp_path):
+    (tmp_path / "calendar.ics").write_bytes(WEEKLY)
+    tools = calendar.tools(make_ctx(tmp_path))  # today is Tuesday 2026-12-01
+    assert run(tools, "calendar_list_events")["events"] == [
+        {"id": "team@other", "title": "Team meeting", "start": "2026-12-01 15:00", "end": "2026-12-01 16:00", "repeats": True}]
+    october = run(tools, "calendar_list_events", date="2026-10-19", end_date="2026-11-04")["events"]
+    assert _starts(october) == ["2026-10-20 15:00", "2026-10-27 14:00", "2026-11-03 15:00"]  # the week between the changes
+    december = run(tools, "calendar_list_events", date="2026-12-01", end_date="2026-12-31")["events"]
+    assert _starts(december) == ["2026-12-01 15:00", "2026-12-04", "2026-12-16 17:00", "2026-12-22 15:00", "2026-12-29 15:00"]
+    assert december[1] == {"id": "birthday@other", "title": "Ann's birthday", "date": "2026-12-04", "all_day": True,
+                           "repeats": True}
+    assert december[2]["location"] == "Room 4"  # the override's own properties
+    assert run(tools, "calendar_list_events", date="2026-12-08")["events"] == []  # EXDATE
+    assert run(tools, "calendar_list_events", date="2026-12-15")["events"] == []  # moved away from its day
+    assert _starts(run(tools, "calendar_list_events", date="2027-12-04")["events"]) == ["2027-12-04"]
+
+
+def test_a_weekly_event_keeps_its_wall_time_for_a_new_york_user(tmp_path):
+    from zoneinfo import ZoneInfo
+
+    (tmp_path / "calendar.ics").write_bytes(WEEKLY)
+    new_york = ZoneInfo("America/New_York")
+    mine = Calendar(tmp_path / "calendar.ics", new_york)
+    for day in (date(2026, 10, 20), date(2026, 10, 27), date(2026, 11, 3), date(2026, 12, 1), date(2026, 12, 22)):
+        [event] = mine.on(day)
+        assert (event.start.time(), event.end.time(), event.recurring) == (time(9), time(10), True), day
+    assert mine.on(date(2026, 12, 8)) == [] and mine.on(date(2026, 12, 15)) == []
+    [moved] = mine.on(date(2026, 12, 16))
+    assert moved.start == datetime(2026, 12, 16, 11, 0, tzinfo=new_york)
+    assert [event.title for event in mine.on(date(2026, 12, 4))] == ["Ann's birthday"]  # all-day: the date, in any zone
+
+
+def test_free_time_counts_each_occurrence(tmp_path):
+    (tmp_path / "calendar.ics").write_bytes(WEEKLY)
+    tools = calendar.tools(make_ctx(tmp_path))
+    assert run(tools, "calendar_free_time", date="2026-12-01")["free"] == ["08:00-15:00", "16:00-20:00"]
+    assert run(tools, "calendar_free_time", date="2026-10-27")["free"] == ["08:00-14:00", "15:00-20:00"]
+    assert run(tools, "calendar_free_time", date="2026-12-08")["free"] == ["08:00-20:00"]  # EXDATE
+    assert run(tools, "calendar_free_time", date="2026-12-16")["free"] == ["08:00-17:00", "18:00-20:00"]  # the override
+    assert run(tools, "calendar_free_time", date="2026-12-04")["free"] == ["08:00-20:00"]  # a birthday takes no time
+
+
+async def test_a_recurring_event_is_not_changed_from_here(tmp_path):
+    (tmp_path / "calendar.ics").write_bytes(WEEKLY)
+    tools = calendar.tools(make_ctx(tmp_path))
+    refused = "'Team meeting' is a recurring event.*cannot be moved or cancelled from here yet"
+    with pytest.raises(ToolError, match=refused):
+        await call(tool(tools, "calendar_cancel_event"), {"event": "team meeting", "date": "2026-12-22"})
+    with pytest.raises(ToolError, match=refused):  # the override, by its day
+        await call(tool(tools, "calendar_move_event"), {"event": "team", "date": "2026-12-16", "new_start": "2026-12-17"})
+    with pytest.raises(ToolError, match=refused):  # the series by its id: one event, not two with the override
+        await call(tool(tools, "calendar_cancel_event"), {"event": "team@other"})
+    with pytest.raises(ToolError, match="'Ann's birthday' is a recurring event"):
+        await call(tool(tools, "calendar_move_event"), {"event": "birthday", "new_start": "2026-12-05"})
+    assert (tmp_path / "calendar.ics").read_bytes() == WEEKLY  # nothing was written
+    # a new single event next to the series is still moved as before
+    run(tools, "calendar_add_event", title="Dentist", start="2026-12-01T10:00")
+    assert run(tools, "calendar_move_event", event="dentist", new_start="2026-12-02")["moved"]["start"] == "2026-12-02 10:00"
+    assert _starts(run(tools, "calendar_list_events", date="2026-12-22")["events"]) == ["2026-12-22 15:00"]
+
+
+def test_a_recurrence_rule_that_cannot_be_read_is_reported(tmp_path):
+    broken = WEEKLY.replace(b"RRULE:FREQ=WEEKLY;BYDAY=TU", b"RRULE:FREQ=SOMETIMES")
+    (tmp_path / "calendar.ics").write_bytes(broken)
+    with pytest.raises(ToolError, match="a recurring event in calendar.ics cannot be read"):
+        Calendar(tmp_path / "calendar.ics", PARIS).on(date(2026, 12, 1))

@@ -2,8 +2,10 @@
 
 New events are stored with the user's TZID (and its VTIMEZONE) or in UTC when the zone is UTC;
 events other programs wrote may be floating (read as local), in any zone, or all-day. Recurring
-events show their first occurrence only. Every write goes to a temporary file renamed over the
-old one, so a crash never leaves half a calendar.
+events (RRULE, RDATE) are expanded into their occurrences by recurring-ical-events, which honours
+EXDATE and the overrides (RECURRENCE-ID) other programs write; such a series cannot be moved or
+cancelled from here yet (one occurrence neither). Every write goes to a temporary file renamed
+over the old one, so a crash never leaves half a calendar.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import icalendar
+import recurring_ical_events
 
 from voicemesh.assistant.toolkit import Context, Tool, ToolError
 from voicemesh.assistant.tools.when import as_json, local_text, parse_date, parse_datetime, parse_time, required, spoken_day
@@ -32,6 +35,7 @@ class Event:
     end: datetime
     all_day: bool = False
     location: str = ""
+    recurring: bool = False  # an occurrence of a series (or the series itself)
 
     def summary(self, tz: ZoneInfo) -> dict[str, Any]:
         shown = {"id": self.uid, "title": self.title}
@@ -43,6 +47,8 @@ class Event:
             shown |= {"start": local_text(self.start, tz), "end": local_text(self.end, tz)}
         if self.location:
             shown["location"] = self.location
+        if self.recurring:
+            shown["repeats"] = True
         return shown
 
 
@@ -53,12 +59,30 @@ class Calendar:
     # -- reading --------------------------------------------------------------------------------
 
     def events(self) -> list[Event]:
-        items = [item for item in self._load().walk("VEVENT") if "dtstart" in item]  # RFC 5545 lets a VEVENT omit it
-        return sorted((self._event(item) for item in items), key=lambda event: event.start)
+        """Each stored event once, a series by its first occurrence (not expanded: it may never end)."""
+        by_uid: dict[str, Event] = {}
+        for item in _dated(self._load()).walk("VEVENT"):
+            event = self._event(item)
+            if event.uid not in by_uid or "recurrence-id" not in item:  # a series' own VEVENT, not an override
+                by_uid[event.uid] = event
+        return sorted(by_uid.values(), key=lambda event: event.start)
 
     def between(self, start: datetime, end: datetime) -> list[Event]:
-        """Events overlapping [start, end); an event with no length counts where it starts."""
-        return [event for event in self.events() if event.start < end and (event.end > start or event.start >= start)]
+        """Events overlapping [start, end), each occurrence of a series on its own; an event with
+        no length counts where it starts."""
+        # A day wider on each side, then the exact test below: floating and all-day events are
+        # read in the user's zone here, which the library need not do the same way.
+        margin = timedelta(days=1)
+        try:
+            calendar = _dated(self._load())
+            items = recurring_ical_events.of(calendar).between(start - margin, end + margin)
+        except (ValueError, TypeError, KeyError) as error:  # a series whose rule cannot be read
+            raise ToolError(f"a recurring event in {self.path.name} cannot be read: {error}") from None
+        # The library gives every occurrence a RECURRENCE-ID, single events too: the file says which repeat.
+        series = {str(item.get("uid")) for item in calendar.walk("VEVENT") if _repeats(item)}
+        found = [self._event(item, str(item.get("uid")) in series) for item in items]
+        found = [event for event in found if event.start < end and (event.end > start or event.start >= start)]
+        return sorted(found, key=lambda event: event.start)
 
     def on(self, day: date) -> list[Event]:
         return self.between(*self._day_bounds(day))
@@ -172,10 +196,16 @@ class Calendar:
             raise
 
     def _component(self, calendar: icalendar.Calendar, uid: str) -> icalendar.Event:
-        for item in calendar.walk("VEVENT"):
-            if str(item.get("uid")) == uid:
-                return item
-        raise ToolError(f"no event has the id '{uid}'")
+        """The event to change; a series (or one of its occurrences) is refused, as its rules and
+        overrides are kept by the program that made it."""
+        items = [item for item in calendar.walk("VEVENT") if str(item.get("uid")) == uid]
+        if not items:
+            raise ToolError(f"no event has the id '{uid}'")
+        if any(_repeats(item) for item in items):
+            title = next((str(item["summary"]) for item in items if "summary" in item), uid)
+            raise ToolError(f"'{title}' is a recurring event: a series, or one of its occurrences, cannot be moved or "
+                            "cancelled from here yet. Change it in the calendar program that made it.")
+        return items[0]
 
     def _stored(self, moment: datetime) -> datetime:
         """In the user's zone (written with its TZID), or UTC (written with Z) when that is the zone."""
@@ -184,7 +214,7 @@ class Calendar:
     def _day_bounds(self, day: date) -> tuple[datetime, datetime]:
         return datetime.combine(day, time(), tzinfo=self.tz), datetime.combine(day + timedelta(days=1), time(), tzinfo=self.tz)
 
-    def _event(self, item: icalendar.Event) -> Event:
+    def _event(self, item: icalendar.Event, recurring: bool | None = None) -> Event:
         start, end = item.decoded("dtstart"), None
         try:
             end = item.end
@@ -197,11 +227,25 @@ class Calendar:
         else:
             start = self._aware(start)
             end = self._aware(end) if isinstance(end, datetime) else start
-        return Event(str(item.get("uid", "")), str(item.get("summary", "")), start, end, all_day, str(item.get("location", "")))
+        return Event(str(item.get("uid", "")), str(item.get("summary", "")), start, end, all_day,
+                     str(item.get("location", "")), _repeats(item) if recurring is None else recurring)
 
     def _aware(self, moment: datetime) -> datetime:
         """Floating times (no TZID, no Z) are the user's wall time."""
         return moment.replace(tzinfo=self.tz) if moment.tzinfo is None else moment.astimezone(self.tz)
+
+
+def _repeats(item: icalendar.Event) -> bool:
+    """A stored series (RRULE, RDATE) or an override of one of its occurrences (RECURRENCE-ID)."""
+    return any(name in item for name in ("rrule", "rdate", "recurrence-id"))
+
+
+def _dated(calendar: icalendar.Calendar) -> icalendar.Calendar:
+    """The calendar without its VEVENTs that have no DTSTART (RFC 5545 allows them; they are on
+    no day, and recurring-ical-events cannot read them)."""
+    kept = icalendar.Calendar(calendar)  # its properties; the components are chosen below
+    kept.subcomponents = [item for item in calendar.subcomponents if item.name != "VEVENT" or "dtstart" in item]
+    return kept
 
 
 def _is_day(text: str) -> bool:
