@@ -207,3 +207,95 @@ def test_machine_busy_time_and_the_load_of_other_processes():
     assert background_cores(machine_s=3.0, ours_s=1.0, wall_s=4.0) == 0.5
     assert background_cores(1.0, 1.2, 4.0) == 0.0  # tick rounding never goes negative
     assert background_cores(1.0, 0.0, 0.0) is None
+
+
+# -- voice-to-voice comparison (bench/v2v_stats.py) ---------------------------------------
+
+from bench.v2v_stats import (  # noqa: E402 - grouped with the tests that use them
+    add_noise, answered_right, edit_distance, pair_ratios, summarise_side, word_error_rate, words,
+)
+
+
+def test_words_ignore_case_and_punctuation():
+    assert words("What is the capital of France?") == ["what", "is", "the", "capital", "of", "france"]
+    assert words("  It\u2019s PARIS.  ") == ["it's", "paris"]
+    assert words("") == []
+
+
+def test_edit_distance_counts_substitutions_deletions_and_insertions():
+    ref = "what is the capital of france".split()
+    assert edit_distance(ref, ref) == 0
+    assert edit_distance(ref, "what is the capital and friends".split()) == 2  # two substitutions
+    assert edit_distance(ref, "what is capital of france".split()) == 1  # one deletion
+    assert edit_distance(ref, "so what is the capital of france".split()) == 1  # one insertion
+    assert edit_distance(ref, []) == len(ref)
+    assert edit_distance([], ["extra", "words"]) == 2
+
+
+def test_word_error_rate_is_total_edits_over_total_reference_words():
+    pairs = [("What is the capital of France?", "what is the capital and friends"),  # 2 of 6
+             ("And what is the capital of Japan?", "And what is the capital of Japan.")]  # 0 of 7
+    assert word_error_rate(pairs) == pytest.approx(2 / 13)
+    assert word_error_rate([("hello there", "")]) == 1.0  # nothing heard: every word deleted
+    assert word_error_rate([]) is None
+
+
+def test_answered_right_needs_the_word_itself():
+    assert answered_right("The capital of France is Paris.", "paris")
+    assert not answered_right("That is a Parisian question.", "paris")
+    assert not answered_right("", "tokyo")
+
+
+def test_add_noise_is_seeded_and_at_the_asked_snr():
+    rng = np.random.default_rng(7)
+    speech = (rng.standard_normal(16000) * 3000).astype(np.int16)
+    clip = np.concatenate([np.zeros(8000, np.int16), speech, np.zeros(8000, np.int16)])
+    noisy = add_noise(clip, 15.0, seed=3)
+    assert np.array_equal(noisy, add_noise(clip, 15.0, seed=3))
+    assert not np.array_equal(noisy, add_noise(clip, 15.0, seed=4))
+    noise = noisy.astype(np.float64) - clip
+    snr = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(noise ** 2))
+    assert snr == pytest.approx(15.0, abs=0.3)  # the silence around the speech does not lower it
+
+
+def test_pair_ratios_skip_pairs_where_either_side_did_not_answer():
+    pairs = [({"v2v_ms": 600.0}, {"v2v_ms": 500.0}), ({"v2v_ms": 900.0}, {"v2v_ms": 1000.0}),
+             ({"v2v_ms": None}, {"v2v_ms": 500.0}), ({"v2v_ms": 700.0}, {})]
+    ratios = pair_ratios(pairs)
+    assert ratios["pairs"] == 2
+    assert ratios["median"] == pytest.approx((1.2 + 0.9) / 2)
+
+
+def test_summarise_side_per_voice_wer_and_right_answers():
+    rows = [{"voice": "a", "reference": "what is the capital of france", "transcript": "what is the capital of france",
+             "v2v_ms": 500.0, "user_stopped_ms": 300.0, "right": True},
+            {"voice": "b", "reference": "what is the capital of japan", "transcript": "what is capital of japan",
+             "v2v_ms": 700.0, "user_stopped_ms": 350.0, "right": False},
+            {"voice": "b", "reference": "what is the capital of italy", "failure": "no bot audio"}]
+    summary = summarise_side(rows, ("user_stopped_ms",))
+    assert (summary["turns"], summary["answered"]) == (3, 2)
+    assert summary["p50"] == 600.0
+    assert summary["stages_p50"] == {"user_stopped_ms": 325.0}
+    assert summary["per_voice"]["a"]["wer"] == 0.0
+    assert summary["per_voice"]["b"]["wer"] == pytest.approx(round(7 / 12, 3))  # 1 deletion + 6 unheard
+    assert summary["right_answer_rate"] == pytest.approx(0.333)
+    assert summary["failures"] == ["no bot audio"]
+
+
+def test_schedule_takes_voices_in_round_robin_and_each_voices_questions_in_turn():
+    from bench.v2v_corpus import Clip, schedule
+
+    def clip(voice, number):
+        return Clip(voice, f"q{number}", "x", np.zeros(4, np.int16), 2)
+
+    voices = {"b": [clip("b", 0), clip("b", 1)], "a": [clip("a", 0)]}
+    picked = [(c.voice, c.text) for c in schedule(voices, 5)]
+    assert picked == [("a", "q0"), ("b", "q0"), ("a", "q0"), ("b", "q1"), ("a", "q0")]
+
+
+def test_since_is_the_first_moment_at_or_after_the_origin():
+    from bench.v2v_pacing import since
+
+    assert since([0.5, 1.2, 1.7], 1.0) == 200.0
+    assert since([0.5], 1.0) is None
+    assert since([1.2], None) is None
