@@ -93,6 +93,13 @@ class Up:
 
     def wait_up(self) -> dict[str, int]:
         """Until the table of services is printed; then every service must be SERVING."""
+        self.wait_printed()
+        for kind in SERVICES:
+            wait_serving(f"127.0.0.1:{self.ports[kind]}", timeout=10)
+        return self.pids
+
+    def wait_printed(self) -> dict[str, int]:
+        """Until the table of services is printed (every service reported up): their pids."""
         deadline = time.monotonic() + UP_TIMEOUT
         while "Ctrl-C stops the mesh." not in self.out.read_text(errors="replace"):
             if self.proc.poll() is not None:
@@ -105,8 +112,6 @@ class Up:
             if len(words) == 4 and words[0] in SERVICES and words[2].isdigit():
                 self.pids[words[0]] = int(words[2])
         assert sorted(self.pids) == sorted(SERVICES), self.output()
-        for kind in SERVICES:
-            wait_serving(f"127.0.0.1:{self.ports[kind]}", timeout=10)
         return self.pids
 
     def wait_gone(self, timeout: float = GONE_TIMEOUT) -> None:
