@@ -155,7 +155,9 @@ REGISTER = {
 
 
 async def main(port: int, services: list[str]) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # The real services' flow control (voicemesh.runtime.config.grpc_server_options): a fixed
+    # 64 KB window per stream, no BDP probing, so the fakes buffer what the real services would.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0)])
     for name in services:
         REGISTER[name](server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:

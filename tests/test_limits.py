@@ -43,6 +43,7 @@ from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_gr
 QUEUE_BYTES = 128 * 1024
 MAX_SESSIONS = 4
 AHEAD_S = 3  # caller audio ahead of real time (the default is 10 s)
+CONTEXT_MESSAGES = 3  # the LLM context window when a config sets none (the default is 40)
 OUT_48K = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=48000, channels=1)
 
 
@@ -50,7 +51,7 @@ OUT_48K = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_PCM16, sampl
 def mesh(tmp_path_factory):
     procs = Processes(tmp_path_factory.mktemp("limits"))
     env = {"VOICEMESH_SESSION_QUEUE_BYTES": str(QUEUE_BYTES), "VOICEMESH_MAX_SESSIONS": str(MAX_SESSIONS),
-           "VOICEMESH_MAX_AUDIO_AHEAD_SECS": str(AHEAD_S)}
+           "VOICEMESH_MAX_AUDIO_AHEAD_SECS": str(AHEAD_S), "VOICEMESH_CONTEXT_MAX_MESSAGES": str(CONTEXT_MESSAGES)}
     try:
         yield fake_mesh(procs, FakeScript(llm_first_token_ms=5.0, llm_token_ms=5.0, tts_first_audio_ms=5.0), env=env)
     finally:
@@ -159,6 +160,18 @@ async def test_a_client_sending_faster_than_real_time_is_ended_alone(mesh):
     turns = await asyncio.wait_for(healthy, WAIT_S)
     print(f"\nFIGURE limits/fast-sender: 30 s of audio at full speed ended after {took:.2f} s ({received} responses first); "
           f"{error.details()!r}; healthy session turns={turns}", file=sys.stderr)
+
+
+@pytest.mark.parametrize("asked, kept", [(0, CONTEXT_MESSAGES), (5, 5)])
+async def test_the_context_window_defaults_to_the_orchestrators_limit(mesh, asked, kept):
+    """A config without context.max_messages gets VOICEMESH_CONTEXT_MAX_MESSAGES; one that sets
+    it keeps its own. The fake LLM answers "count messages" with the count it was sent."""
+    config = pb.SessionConfig(input_format=PCM16_16K, context=pb.ContextOptions(max_messages=asked))
+    async with ConverseProbe(mesh.orchestrator_address, config) as probe:
+        for number, text in enumerate(["one", "two", "three", "four", "count messages"], start=1):
+            await probe.send_text(text)
+            await probe.wait_for(event_is("turn_ended", turn_number=number))
+        assert probe.of("bot_text")[-1].text == f"I see {kept + 1} messages.", probe.of("bot_text")  # + the system prompt
 
 
 async def test_sessions_beyond_the_cap_are_refused_before_any_state(mesh):

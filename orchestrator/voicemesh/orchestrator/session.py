@@ -67,11 +67,16 @@ class SessionLimits:
 
     queue_bytes: int = 1 << 20  # responses waiting for a client that does not read (about 20 s of bot audio)
     audio_ahead_s: float = 10.0  # caller audio received ahead of real time
+    # The LLM context window when the config sets none (context.max_messages 0): a long call
+    # must not grow its requests, and its memory, without end, nor overflow the embedded
+    # model's 4,096-token context (about 20 exchanges here plus the system prompt).
+    context_messages: int = 40
 
     @classmethod
     def from_env(cls) -> "SessionLimits":
         return cls(queue_bytes=int(_env_number("VOICEMESH_SESSION_QUEUE_BYTES", cls.queue_bytes)),
-                   audio_ahead_s=_env_number("VOICEMESH_MAX_AUDIO_AHEAD_SECS", cls.audio_ahead_s))
+                   audio_ahead_s=_env_number("VOICEMESH_MAX_AUDIO_AHEAD_SECS", cls.audio_ahead_s),
+                   context_messages=int(_env_number("VOICEMESH_CONTEXT_MAX_MESSAGES", cls.context_messages)))
 
 
 class Session(EffectRunner, StreamKeeper):
@@ -98,7 +103,8 @@ class Session(EffectRunner, StreamKeeper):
         self._skip_vad_start = False  # a reopened VAD hears the speech in progress start again
         self.controller = SessionLifecycle(self.config, clock())
         self.playout = Playout(self._send_bot_audio, on_first_audio=lambda number: self.feed(ev.ReplyFirstAudio(number)))
-        self.context = ConversationContext(config.system_prompt or DEFAULT_SYSTEM_PROMPT, config.context.max_messages)
+        self.context = ConversationContext(config.system_prompt or DEFAULT_SYSTEM_PROMPT,
+                                           config.context.max_messages or self.limits.context_messages)
         self.tools = ToolBroker(self.emit, config.tools.timeout_secs or DEFAULT_TOOL_TIMEOUT_S,
                                 on_change=lambda in_progress: self.feed(ev.ToolsChanged(in_progress)))
         self.reply_env = ReplyEnv(clients, self.config, self.output_format, self.bytes_per_second, self.emit, self.tools,
