@@ -98,6 +98,7 @@ def write_markdown(results: dict, path: Path) -> None:
                   f"end of the audio already received, for a client that does not flush: "
                   f"{_fmt(barge['audible_without_flush_p50'])} ms."]
     lines += _contention(results.get("contention"))
+    lines += _same_models(results)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -145,3 +146,23 @@ if __name__ == "__main__":  # regenerate latest.md from a latest.json
 
     source = Path(sys.argv[1])
     write_markdown(json.loads(source.read_text()), source.with_suffix(".md"))
+
+
+def _same_models(results: dict) -> list[str]:
+    lines = []
+    a, b = results.get("mesh_embedded_v2v_ms"), results.get("pipecat_embedded_v2v_ms")
+    if a and b:
+        ratio = results["v2v_ratio_vs_pipecat"]
+        lines += ["", f"Voice-to-voice against Pipecat 1.14 on the same engines, same run, A B alternating "
+                  f"({ratio['pairs']} pairs; bench/results/v2v.json): mesh p50 {_fmt(a['p50'])} / p90 {_fmt(a['p90'])} ms, "
+                  f"Pipecat p50 {_fmt(b['p50'])} / p90 {_fmt(b['p90'])} ms; ratio of p50 {_fmt(ratio.get('of_p50'), digits=2)}, "
+                  f"pair by pair median {_fmt(ratio['median'], digits=2)}."]
+    box = results.get("conversations_per_box")
+    if box:
+        cpu = box["cpu_s_per_conversation_minute_at_1"]
+        lines += ["", f"Concurrent spoken conversations on this box before voice-to-voice p90 doubles "
+                  f"(bench/results/v2v_box.json): mesh {box['mesh']}, Pipecat (one process per call) {box['pipecat']} "
+                  f"of {box['levels_tried']} tried; CPU-seconds per minute of one conversation: mesh "
+                  + ", ".join(f"{k} {v}" for k, v in cpu["mesh"].items()) + "; Pipecat "
+                  + ", ".join(f"{k} {v}" for k, v in cpu["pipecat"].items()) + "."]
+    return lines

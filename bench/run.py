@@ -3,7 +3,10 @@
 Stages (each can be skipped with --skip): overhead (mesh and Pipecat at 1/50/100 sessions,
 repeated), capacity (sessions per core, both sides), vad (Silero service capacity),
 embedded (voice-to-voice and barge-in on the real models), contention (voice-to-voice quiet,
-with one core busy and under a CPU limit, and what each service used per turn). The orchestrator and the
+with one core busy and under a CPU limit, and what each service used per turn), same-models
+(voice-to-voice against Pipecat 1.14 on the same engines, A B alternating: bench/v2v_compare.py),
+box (concurrent spoken conversations per box before p90 doubles, both sides: bench/v2v_box.py).
+In the overhead and capacity stages the orchestrator and the
 Pipecat process are pinned to core 0, load clients and fakes to core 1. Nothing here fails:
 targets are printed as PASS or FAIL. See bench/README.md.
 """
@@ -228,6 +231,32 @@ def stage_contention(args, results: dict) -> None:
             f"peak RSS {u['peak_rss_mib']} MiB, {u['peak_threads']} threads")
 
 
+def stage_same_models(args, results: dict) -> None:
+    """Voice-to-voice against Pipecat on the same engines (bench/v2v_compare.py), A B alternating."""
+    from bench import v2v_compare
+
+    figures = v2v_compare.run(args.same_models_turns, v2v_compare.STOP_TIMEOUT_S)
+    v2v_compare.write(figures, args.out / "v2v.json", "bench.v2v_plot")
+    for key in ("pipecat_embedded_v2v_ms", "mesh_embedded_v2v_ms", "v2v_ratio_vs_pipecat"):
+        results[key] = figures[key]
+    log(f"same models: mesh p50 {figures['mesh_embedded_v2v_ms']['p50']} ms, Pipecat p50 "
+        f"{figures['pipecat_embedded_v2v_ms']['p50']} ms, ratio of p50 {figures['v2v_ratio_vs_pipecat'].get('of_p50')}")
+
+
+def stage_box(args, results: dict) -> None:
+    """Concurrent spoken conversations per box before p90 doubles (bench/v2v_box.py)."""
+    from bench import v2v_box, v2v_compare
+
+    figures = v2v_box.run(args.box_levels, args.box_turns)
+    v2v_compare.write(figures, args.out / "v2v_box.json", "bench.v2v_box_plot")
+    results["conversations_per_box"] = {
+        **figures["conversations_per_box"],
+        "cpu_s_per_conversation_minute_at_1": {side: figures[side][0]["cpu_s_per_conversation_minute"]
+                                               for side in ("mesh", "pipecat")},
+    }
+    log(f"conversations per box: {figures['conversations_per_box']}")
+
+
 def _breakdown(v2v: dict, results: dict) -> dict:
     seen = v2v["breakdown_p50"]
     direct = v2v["stage_costs_direct"]
@@ -260,6 +289,12 @@ def targets(results: dict) -> list[tuple[str, str, object, bool | None]]:
         ("voice-to-voice, embedded, p50", "<= 800 ms", v2v.get("p50"), _le(v2v.get("p50"), 800)),
         ("barge-in, p50", f"<= {limit:.0f} ms", barge.get("p50"), _le(barge.get("p50"), limit)),
     ]
+    same = results.get("v2v_ratio_vs_pipecat", {}).get("of_p50")
+    box = results.get("conversations_per_box", {}).get("ratio")
+    if "v2v_ratio_vs_pipecat" in results:
+        rows.append(("voice-to-voice p50, mesh / Pipecat on the same models, same run", "<= 0.9", same, _le(same, 0.9)))
+    if "conversations_per_box" in results:
+        rows.append(("concurrent conversations per box before p90 doubles, mesh / Pipecat", ">= 1.0", box, _ge(box, 1.0)))
     contention = results.get("contention")
     if contention:
         ratio = contention.get("busy_to_quiet_p50")
@@ -315,24 +350,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="the services behind the orchestrator in the overhead and capacity stages: bench/fakes.py "
                              "(wire, the default: no servicer cost in the figures) or the real services with "
                              "--provider fake (providers)")
-    parser.add_argument("--skip", default="", help="comma-separated stages: overhead,capacity,vad,embedded,contention")
+    parser.add_argument("--same-models-turns", type=int, default=20, help="turns per side, voice-to-voice against Pipecat")
+    parser.add_argument("--box-levels", type=ints, default=[1, 2, 3, 4], help="concurrent conversations tried per side")
+    parser.add_argument("--box-turns", type=int, default=6, help="turns per conversation at each level")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated stages: overhead,capacity,vad,embedded,contention,same-models,box")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--update", action="store_true",
+                        help="start from the existing latest.json and replace only the stages run now")
     args = parser.parse_args(argv)
     skip = set(args.skip.split(",")) - {""}
     lat = Latencies()
     started = time.monotonic()
     results: dict = {"machine": machine(), "latencies_of_fakes": {**lat.__dict__, "total_ms": lat.fakes_total_ms},
                      "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    previous = args.out / "latest.json"
+    if args.update and previous.exists():  # keep the stages not run now, with the date each was measured
+        kept = json.loads(previous.read_text())
+        results = {**kept, "config": results["config"], "stages_measured": kept.get("stages_measured", {}),
+                   "machine": {**results["machine"], "earlier_stages_machine": kept.get("machine")}}
     for name, stage in (("overhead", lambda: stage_overhead(args, lat, results)),
                         ("capacity", lambda: stage_capacity(args, lat, results)),
                         ("vad", lambda: stage_vad(args, results)), ("embedded", lambda: stage_embedded(args, results)),
-                        ("contention", lambda: stage_contention(args, results))):
+                        ("contention", lambda: stage_contention(args, results)),
+                        ("same-models", lambda: stage_same_models(args, results)), ("box", lambda: stage_box(args, results))):
         if name in skip:
             continue
         log(f"== {name} ({time.monotonic() - started:.0f} s so far)")
         stage()
+        results.setdefault("stages_measured", {})[name] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["wall_seconds"] = round(time.monotonic() - started)
+    results["wall_seconds"] = round(time.monotonic() - started)  # of this run (with --update: the stages run now)
     results["targets"] = [{"measure": m, "target": t, "value": v, "pass": p} for m, t, v, p in targets(results)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -192,16 +192,20 @@ def main() -> None:
     if args.turns < 1:
         parser.error("--turns must be at least 1")
     figures = run(args.turns, args.pipecat_stop_timeout)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "v2v.json"
-    path.write_text(json.dumps(figures, indent=1) + "\n")
-    plot = subprocess.run([str(bench_python()), "-m", "bench.v2v_plot", str(path), str(args.out / "v2v.png")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    if plot.returncode != 0:
-        log(f"plot failed: {plot.stderr[-800:]}")
+    path = write(figures, args.out / "v2v.json", "bench.v2v_plot")
     log(f"mesh p50 {figures['mesh_embedded_v2v_ms']['p50']} ms, pipecat p50 {figures['pipecat_embedded_v2v_ms']['p50']} ms, "
         f"ratio (pairwise median) {figures['v2v_ratio_vs_pipecat']['median']}; wrote {path}")
 
+
+def write(figures: dict, path: Path, plotter: str) -> Path:
+    """`path` (JSON) and its plot beside it (.png, drawn by module `plotter` in bench/.venv-pipecat)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=1) + "\n")
+    plot = subprocess.run([str(bench_python()), "-m", plotter, str(path), str(path.with_suffix(".png"))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if plot.returncode != 0:
+        log(f"plot failed: {plot.stderr[-800:]}")
+    return path
 
 if __name__ == "__main__":
     main()

@@ -299,3 +299,39 @@ def test_since_is_the_first_moment_at_or_after_the_origin():
     assert since([0.5, 1.2, 1.7], 1.0) == 200.0
     assert since([0.5], 1.0) is None
     assert since([1.2], None) is None
+
+
+from bench.run import targets  # noqa: E402 - grouped with the tests that use them
+from bench.v2v_box import cpu_per_conversation_minute, held, level_summary  # noqa: E402
+
+
+def _level(n: int, p90: float | None, answered: int = 6, turns: int = 6) -> dict:
+    return {"conversations": n, "p90": p90, "answered": answered, "turns": turns}
+
+
+def test_conversations_held_stop_at_the_first_level_past_twice_the_single_p90():
+    assert held([_level(1, 1000), _level(2, 1500), _level(3, 2000), _level(4, 2100)]) == 3
+    assert held([_level(1, 1000), _level(2, 2500), _level(3, 1900)]) == 1  # the first failing level ends the count
+    assert held([_level(1, 1000), _level(2, 1200, answered=11, turns=12)]) == 1  # a turn unanswered fails the level
+    assert held([_level(2, 1000)]) == 0 and held([_level(1, None)]) == 0  # no one-conversation reference
+
+
+def test_cpu_per_conversation_minute_divides_by_conversations_times_minutes():
+    before, after = {"stt": 10.0, "llm": 5.0}, {"stt": 40.0, "llm": 11.0}
+    assert cpu_per_conversation_minute(before, after, conversations=2, seconds=30.0) == {"stt": 30.0, "llm": 6.0}
+
+
+def test_level_summary_counts_answers_failures_and_totals_the_cpu():
+    rows = [{"v2v_ms": 900.0, "right": True}, {"v2v_ms": 1100.0, "right": False}, {"failure": "no bot audio"}]
+    summary = level_summary(rows, 1, 60.0, {"stt": 2.5, "llm": 1.25})
+    assert (summary["turns"], summary["answered"], summary["right_answers"]) == (3, 2, 1)
+    assert summary["failures"] == ["no bot audio"] and summary["cpu_s_per_conversation_minute_total"] == 3.75
+    assert summary["p50"] == 1000.0
+
+
+def test_same_model_and_box_targets_are_judged_only_when_measured():
+    assert not [row for row in targets({}) if "Pipecat" in row[0]]
+    rows = {row[0]: row for row in targets({"v2v_ratio_vs_pipecat": {"of_p50": 0.85},
+                                            "conversations_per_box": {"ratio": 0.5}})}
+    assert rows["voice-to-voice p50, mesh / Pipecat on the same models, same run"][3] is True
+    assert rows["concurrent conversations per box before p90 doubles, mesh / Pipecat"][3] is False
