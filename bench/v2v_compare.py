@@ -103,7 +103,7 @@ def with_clip(row: dict, clip: Clip) -> dict:
     return {"voice": clip.voice, "reference": clip.text, "expected": clip.expected, **row}
 
 
-def run(turns: int, stop_timeout: float) -> dict:
+def run(turns: int, stop_timeout: float, interims: bool = True) -> dict:
     from voicemesh.cli.mesh import Mesh, free_ports
     from voicemesh.runtime.models import model_path
     from voicemesh.stt.models import WHISPER_BASE
@@ -131,10 +131,10 @@ def run(turns: int, stop_timeout: float) -> dict:
                                   env={"HF_HUB_OFFLINE": "1"})
             pipecat.read_json(300)
             log(f"ready in {time.monotonic() - started:.0f} s; warm-up turns (not counted)")
-            asyncio.run(mesh_turn(mesh.orchestrator_address, clips[0], TURN_DEADLINE_S))
+            asyncio.run(mesh_turn(mesh.orchestrator_address, clips[0], TURN_DEADLINE_S, interims))
             pipecat_turn(pipecat, clips[0], Path(tmp))
             for index, clip in enumerate(clips):
-                a = with_clip(asyncio.run(mesh_turn(mesh.orchestrator_address, clip, TURN_DEADLINE_S)), clip)
+                a = with_clip(asyncio.run(mesh_turn(mesh.orchestrator_address, clip, TURN_DEADLINE_S, interims)), clip)
                 b = with_clip(pipecat_turn(pipecat, clip, Path(tmp)), clip)
                 mesh_rows.append(a)
                 pipecat_rows.append(b)
@@ -147,6 +147,7 @@ def run(turns: int, stop_timeout: float) -> dict:
     figures = results(mesh_rows, pipecat_rows, voices, notes, load_before, time.monotonic() - started)
     figures["settings"] = {"turn_deadline_s": TURN_DEADLINE_S, "pipecat_user_turn_stop_timeout_s": stop_timeout,
                            "mesh_final_transcript_give_up_s": STOP_TIMEOUT_S, "vad_stop_secs": 0.2,
+                           "mesh_interim_transcripts": interims,
                            "whisper": "whisper-base, CPU int8, 2 threads, beam 1 on both sides",
                            "llm": "Qwen2.5 0.5B GGUF, llama.cpp 2 threads, temperature 0.2, max 256 tokens",
                            "tts": "hibari, voice heart, 2 threads"}
@@ -187,11 +188,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=20, help="turns per side (default 20)")
     parser.add_argument("--pipecat-stop-timeout", type=float, default=STOP_TIMEOUT_S,
                         help=f"Pipecat user_turn_stop_timeout (default {STOP_TIMEOUT_S:g} s: the mesh give-up; Pipecat: 5)")
+    parser.add_argument("--mesh-interims", choices=("on", "off"), default="on",
+                        help="the mesh session's interim transcripts (on: as the clients ship; off: a lever)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for v2v.json and v2v.png")
     args = parser.parse_args()
     if args.turns < 1:
         parser.error("--turns must be at least 1")
-    figures = run(args.turns, args.pipecat_stop_timeout)
+    figures = run(args.turns, args.pipecat_stop_timeout, args.mesh_interims == "on")
     path = write(figures, args.out / "v2v.json", "bench.v2v_plot")
     log(f"mesh p50 {figures['mesh_embedded_v2v_ms']['p50']} ms, pipecat p50 {figures['pipecat_embedded_v2v_ms']['p50']} ms, "
         f"ratio (pairwise median) {figures['v2v_ratio_vs_pipecat']['median']}; wrote {path}")

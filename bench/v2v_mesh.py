@@ -23,7 +23,7 @@ from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb
 STAGES = ("user_stopped_ms", "stt_final_ms", "first_bot_text_ms", "llm_ttfb_ms", "tts_ttfb_ms")
 
 
-async def mesh_turn(addr: str, clip: Clip, deadline_s: float = 30.0) -> dict:
+async def mesh_turn(addr: str, clip: Clip, deadline_s: float = 30.0, interims: bool = True) -> dict:
     moments: dict[str, list[float]] = {"user_stopped": [], "final": [], "bot_text": [], "audio": [], "turn_ended": []}
     finals: list[tuple[float, str]] = []
     bot_texts: list[tuple[float, str]] = []
@@ -55,6 +55,7 @@ async def mesh_turn(addr: str, clip: Clip, deadline_s: float = 30.0) -> dict:
     config = config_request(client="voicemesh-bench")
     smart_turn_defaults(config.config)
     config.config.metrics = True  # the per-turn Metrics event: the LLM's and TTS's time to first result
+    config.config.interim_transcripts = interims  # on, as the clients ship; off: no caption decodes while speaking
 
     end_frame, written = (clip.speech_end - 1) // FRAME_SAMPLES, [0]
 

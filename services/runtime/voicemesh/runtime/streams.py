@@ -34,6 +34,8 @@ async def with_reader(reader: Awaitable[None], results: AsyncIterator) -> AsyncI
         # later garbage-collected ("Task was destroyed but it is pending!"); cancel it instead.
         if next_result is not None and not next_result.done():
             next_result.cancel()
+        elif next_result is not None and not next_result.cancelled():
+            next_result.exception()  # retrieved: an end of results nobody read is no "never retrieved" error
         if not reader_task.done():
             reader_task.cancel()
         elif not reader_task.cancelled() and reader_task.exception() is not None:
