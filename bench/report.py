@@ -31,6 +31,9 @@ def write_markdown(results: dict, path: Path) -> None:
     lines += [f"Machine: {m['cores']} cores, {m['cpu_model']}, Python {m['python']}; load average "
               f"{m.get('load_average_at_start')} at start, {m.get('load_average_at_end')} at end; "
               f"{results.get('wall_seconds')} s in all.", ""]
+    if results.get("stages_measured"):  # an --update run: the other stages are an earlier run's
+        lines += ["Stages measured in this run: " + ", ".join(f"{k} ({v})" for k, v in results["stages_measured"].items())
+                  + "; the others are kept from an earlier run.", ""]
     lines += ["| measure | target | measured | |", "|---|---|---|---|"]
     for row in results.get("targets", []):
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row["pass"]]
@@ -140,14 +143,6 @@ def _contention(c: dict | None) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":  # regenerate latest.md from a latest.json
-    import json
-    import sys
-
-    source = Path(sys.argv[1])
-    write_markdown(json.loads(source.read_text()), source.with_suffix(".md"))
-
-
 def _same_models(results: dict) -> list[str]:
     lines = []
     a, b = results.get("mesh_embedded_v2v_ms"), results.get("pipecat_embedded_v2v_ms")
@@ -166,3 +161,12 @@ def _same_models(results: dict) -> list[str]:
                   + ", ".join(f"{k} {v}" for k, v in cpu["mesh"].items()) + "; Pipecat "
                   + ", ".join(f"{k} {v}" for k, v in cpu["pipecat"].items()) + "."]
     return lines
+
+
+if __name__ == "__main__":  # regenerate latest.md from a latest.json
+    import json
+    import sys
+
+    source = Path(sys.argv[1])
+    write_markdown(json.loads(source.read_text()), source.with_suffix(".md"))
+

@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.update and previous.exists():  # keep the stages not run now, with the date each was measured
         kept = json.loads(previous.read_text())
         results = {**kept, "config": results["config"], "stages_measured": kept.get("stages_measured", {}),
-                   "machine": {**results["machine"], "earlier_stages_machine": kept.get("machine")}}
+                   "machine": {**results["machine"], "earlier_stages_machine": {
+                       k: v for k, v in kept.get("machine", {}).items() if k != "earlier_stages_machine"}}}
     for name, stage in (("overhead", lambda: stage_overhead(args, lat, results)),
                         ("capacity", lambda: stage_capacity(args, lat, results)),
                         ("vad", lambda: stage_vad(args, results)), ("embedded", lambda: stage_embedded(args, results)),

@@ -15,7 +15,8 @@ callers of a level start 1 s apart so their turns do not line up, and each start
 10 s (at once if the last one ran longer), the same offered load on both sides. A level's "conversations
 held" rule: every turn answered and its p90 at most twice that side's p90 at one conversation.
 While each level runs, every process's CPU seconds are read from /proc: CPU-seconds per minute
-of conversation = a process's CPU over the level / (N x the level's minutes). Results go to
+of conversation = a process's CPU over the level / (N x turns x 10 s), the conversation time offered
+(the same on both sides; each call process's figure is its share of the total). Results go to
 bench/results/v2v_box.json (and .png, drawn in bench/.venv-pipecat); `conversations_per_box`
 is copied into latest.json by `make bench`. Every process started here is stopped by pid.
 """
@@ -46,19 +47,22 @@ TURN_PERIOD_S = 10.0
 DOUBLING = 2.0  # "before p90 doubles" (issue 18)
 
 
-def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+def cpu_of(pids: dict[str, int]) -> dict[str, float | None]:
     out = {}
     for name, pid in pids.items():
         try:
             out[name] = cpu_seconds(pid)
         except OSError:  # gone: the level's summary says so through its failures
-            out[name] = float("nan")
+            out[name] = None
     return out
 
 
-def cpu_per_conversation_minute(before: dict, after: dict, conversations: int, seconds: float) -> dict[str, float]:
+def cpu_per_conversation_minute(before: dict, after: dict, conversations: int, seconds: float) -> dict[str, float | None]:
+    """`seconds`: the conversation time offered per conversation (turns x TURN_PERIOD_S), the same
+    on both sides, not the level's wall time (which runs on to each side's own end of a turn)."""
     minutes = conversations * seconds / 60
-    return {name: round((after[name] - before[name]) / minutes, 2) for name in before}
+    return {name: None if before[name] is None or after.get(name) is None else round((after[name] - before[name]) / minutes, 2)
+            for name in before}
 
 
 def level_summary(rows: list[dict], conversations: int, seconds: float, cpu: dict[str, float]) -> dict:
@@ -67,7 +71,7 @@ def level_summary(rows: list[dict], conversations: int, seconds: float, cpu: dic
             "failures": [r.get("failure") for r in rows if r.get("failure")][:5],
             "p50": pct(v2v, 50), "p90": pct(v2v, 90), "right_answers": sum(bool(r.get("right")) for r in rows),
             "seconds": round(seconds, 1), "cpu_s_per_conversation_minute": cpu,
-            "cpu_s_per_conversation_minute_total": round(sum(cpu.values()), 2)}
+            "cpu_s_per_conversation_minute_total": round(sum(v for v in cpu.values() if v is not None), 2)}
 
 
 def held(levels: list[dict]) -> int:
@@ -161,7 +165,7 @@ def run(levels: list[int], turns: int) -> dict:
                 rows = mesh_level(mesh.orchestrator_address, clips, n, turns)
                 seconds = time.monotonic() - t0
                 mesh_levels.append(level_summary(rows, n, seconds, cpu_per_conversation_minute(
-                    cpu0, cpu_of(mesh_pids), n, seconds)))
+                    cpu0, cpu_of(mesh_pids), n, turns * TURN_PERIOD_S)))
                 log(f"mesh    {n}: p50 {mesh_levels[-1]['p50']} p90 {mesh_levels[-1]['p90']} ms, "
                     f"{mesh_levels[-1]['answered']}/{len(rows)} answered")
                 while len(calls) < n:  # one process per call, started (and warmed) before the level
@@ -172,7 +176,7 @@ def run(levels: list[int], turns: int) -> dict:
                 rows = pipecat_level(calls[:n], clips, turns, Path(tmp))
                 seconds = time.monotonic() - t0
                 pipecat_levels.append(level_summary(rows, n, seconds, cpu_per_conversation_minute(
-                    cpu0, cpu_of(pids), n, seconds)))
+                    cpu0, cpu_of(pids), n, turns * TURN_PERIOD_S)))
                 log(f"pipecat {n}: p50 {pipecat_levels[-1]['p50']} p90 {pipecat_levels[-1]['p90']} ms, "
                     f"{pipecat_levels[-1]['answered']}/{len(rows)} answered")
         finally:
