@@ -71,7 +71,8 @@ def level_summary(rows: list[dict], conversations: int, seconds: float, cpu: dic
             "failures": [r.get("failure") for r in rows if r.get("failure")][:5],
             "p50": pct(v2v, 50), "p90": pct(v2v, 90), "right_answers": sum(bool(r.get("right")) for r in rows),
             "seconds": round(seconds, 1), "cpu_s_per_conversation_minute": cpu,
-            "cpu_s_per_conversation_minute_total": round(sum(v for v in cpu.values() if v is not None), 2)}
+            "cpu_s_per_conversation_minute_total": round(sum(v for v in cpu.values() if v is not None), 2),
+            "rows": [{k: r.get(k) for k in ("voice", "v2v_ms", "transcript", "bot_text", "right", "failure")} for r in rows]}
 
 
 def held(levels: list[dict]) -> int:
