@@ -29,11 +29,14 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
+from bench.contention import cpu_seconds
 from bench.procs import free_port
-from bench.stats import cpu_seconds
-from bench.v2v_compare import RESULTS, STOP_TIMEOUT_S, TURN_DEADLINE_S, LineProcess, log, pipecat_turn, with_clip, write
+from bench.v2v_compare import (
+    RESULTS, STOP_TIMEOUT_S, TURN_DEADLINE_S, LineProcess, log, pipecat_turn, start_pipecat, with_clip, write,
+)
 from bench.v2v_corpus import build_corpus, schedule
 from bench.v2v_mesh import mesh_turn
 from bench.v2v_stats import pct
@@ -48,13 +51,21 @@ DOUBLING = 2.0  # "before p90 doubles" (issue 18)
 
 
 def cpu_of(pids: dict[str, int]) -> dict[str, float | None]:
-    out = {}
-    for name, pid in pids.items():
-        try:
-            out[name] = cpu_seconds(pid)
-        except OSError:  # gone: the level's summary says so through its failures
-            out[name] = None
-    return out
+    """CPU seconds so far per process; None for one gone (the level's failures say so)."""
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def turn_at(t0: float, caller: int, turn: int) -> float:
+    """When `caller`'s `turn` starts: staggered callers, a turn every TURN_PERIOD_S."""
+    return t0 + caller * STAGGER_S + turn * TURN_PERIOD_S
+
+
+def measured_level(pids: dict[str, int], conversations: int, turns: int, play) -> dict:
+    """Run `play()` (the level's turns) and summarise it with the CPU `pids` used meanwhile."""
+    t0, cpu0 = time.monotonic(), cpu_of(pids)
+    rows = play()
+    cpu = cpu_per_conversation_minute(cpu0, cpu_of(pids), conversations, turns * TURN_PERIOD_S)
+    return level_summary(rows, conversations, time.monotonic() - t0, cpu)
 
 
 def cpu_per_conversation_minute(before: dict, after: dict, conversations: int, seconds: float) -> dict[str, float | None]:
@@ -94,7 +105,7 @@ def mesh_level(address: str, clips: list, conversations: int, turns: int) -> lis
     async def caller(index: int) -> list[dict]:
         rows = []
         for k in range(turns):
-            await asyncio.sleep(max(0.0, t0 + index * STAGGER_S + k * TURN_PERIOD_S - time.monotonic()))
+            await asyncio.sleep(max(0.0, turn_at(t0, index, k) - time.monotonic()))
             clip = clips[(index * turns + k) % len(clips)]
             rows.append(with_clip(await mesh_turn(address, clip, TURN_DEADLINE_S), clip))
         return rows
@@ -108,14 +119,13 @@ def mesh_level(address: str, clips: list, conversations: int, turns: int) -> lis
 def pipecat_level(sides: list[LineProcess], clips: list, turns: int, folder: Path) -> list[dict]:
     rows: list[dict] = []
     lock = threading.Lock()
-
     t0 = time.monotonic()
 
     def caller(index: int) -> None:
         own = folder / f"call-{index}"
         own.mkdir(exist_ok=True)
         for k in range(turns):
-            time.sleep(max(0.0, t0 + index * STAGGER_S + k * TURN_PERIOD_S - time.monotonic()))
+            time.sleep(max(0.0, turn_at(t0, index, k) - time.monotonic()))
             clip = clips[(index * turns + k) % len(clips)]
             row = with_clip(pipecat_turn(sides[index], clip, own), clip)
             with lock:
@@ -131,9 +141,6 @@ def pipecat_level(sides: list[LineProcess], clips: list, turns: int, folder: Pat
 
 def run(levels: list[int], turns: int) -> dict:
     from voicemesh.cli.mesh import Mesh, free_ports
-    from voicemesh.runtime.models import model_path
-    from voicemesh.stt.models import WHISPER_BASE
-    from voicemesh.vad.models import SMART_TURN
 
     python = bench_python()
     if python is None:
@@ -150,11 +157,7 @@ def run(levels: list[int], turns: int) -> dict:
             url = llm.read_json(300)["url"]
 
             def new_call(index: int) -> LineProcess:
-                side = LineProcess([str(python), "-m", "bench.pipecat_embedded", "--llm-url", url,
-                                    "--whisper-dir", str(model_path(WHISPER_BASE)), "--smart-turn", str(model_path(SMART_TURN)),
-                                    "--stop-timeout", str(STOP_TIMEOUT_S)], logs / f"pipecat-{index}.log",
-                                   env={"HF_HUB_OFFLINE": "1"})
-                side.read_json(300)
+                side = start_pipecat(python, url, logs / f"pipecat-{index}.log", STOP_TIMEOUT_S)
                 pipecat_turn(side, clips[0], Path(tmp))  # its warm-up turn, not counted
                 return side
 
@@ -162,24 +165,16 @@ def run(levels: list[int], turns: int) -> dict:
             asyncio.run(mesh_turn(mesh.orchestrator_address, clips[0], TURN_DEADLINE_S))  # warm-up, not counted
             log(f"mesh ready in {time.monotonic() - started:.0f} s")
             for n in levels:
-                t0, cpu0 = time.monotonic(), cpu_of(mesh_pids)
-                rows = mesh_level(mesh.orchestrator_address, clips, n, turns)
-                seconds = time.monotonic() - t0
-                mesh_levels.append(level_summary(rows, n, seconds, cpu_per_conversation_minute(
-                    cpu0, cpu_of(mesh_pids), n, turns * TURN_PERIOD_S)))
-                log(f"mesh    {n}: p50 {mesh_levels[-1]['p50']} p90 {mesh_levels[-1]['p90']} ms, "
-                    f"{mesh_levels[-1]['answered']}/{len(rows)} answered")
+                mesh_levels.append(measured_level(mesh_pids, n, turns,
+                                                  partial(mesh_level, mesh.orchestrator_address, clips, n, turns)))
+                _log_level("mesh   ", mesh_levels[-1])
                 while len(calls) < n:  # one process per call, started (and warmed) before the level
                     calls.append(new_call(len(calls)))
                 pids = {f"pipecat-call-{i}": side.process.pid for i, side in enumerate(calls[:n])}
                 pids["llm-server"] = llm.process.pid
-                t0, cpu0 = time.monotonic(), cpu_of(pids)
-                rows = pipecat_level(calls[:n], clips, turns, Path(tmp))
-                seconds = time.monotonic() - t0
-                pipecat_levels.append(level_summary(rows, n, seconds, cpu_per_conversation_minute(
-                    cpu0, cpu_of(pids), n, turns * TURN_PERIOD_S)))
-                log(f"pipecat {n}: p50 {pipecat_levels[-1]['p50']} p90 {pipecat_levels[-1]['p90']} ms, "
-                    f"{pipecat_levels[-1]['answered']}/{len(rows)} answered")
+                pipecat_levels.append(measured_level(pids, n, turns,
+                                                     partial(pipecat_level, calls[:n], clips, turns, Path(tmp))))
+                _log_level("pipecat", pipecat_levels[-1])
         finally:
             for child in (*calls, llm):
                 if child is not None:
@@ -194,6 +189,11 @@ def run(levels: list[int], turns: int) -> dict:
                                   "levels_tried": levels},
         "mesh": mesh_levels, "pipecat": pipecat_levels,
     }
+
+
+def _log_level(side: str, level: dict) -> None:
+    log(f"{side} {level['conversations']}: p50 {level['p50']} p90 {level['p90']} ms, "
+        f"{level['answered']}/{level['turns']} answered")
 
 
 def main() -> None:

@@ -99,15 +99,25 @@ def pipecat_turn(side: LineProcess, clip: Clip, folder: Path) -> dict:
     return row
 
 
+def start_pipecat(python: Path, llm_url: str, log_path: Path, stop_timeout: float) -> LineProcess:
+    """bench/pipecat_embedded.py on the mesh's model files, loaded (its {"ready"} read)."""
+    from voicemesh.runtime.models import model_path
+    from voicemesh.stt.models import WHISPER_BASE
+    from voicemesh.vad.models import SMART_TURN
+
+    side = LineProcess([str(python), "-m", "bench.pipecat_embedded", "--llm-url", llm_url,
+                        "--whisper-dir", str(model_path(WHISPER_BASE)), "--smart-turn", str(model_path(SMART_TURN)),
+                        "--stop-timeout", str(stop_timeout)], log_path, env={"HF_HUB_OFFLINE": "1"})
+    side.read_json(300)
+    return side
+
+
 def with_clip(row: dict, clip: Clip) -> dict:
     return {"voice": clip.voice, "reference": clip.text, "expected": clip.expected, **row}
 
 
 def run(turns: int, stop_timeout: float, interims: bool = True) -> dict:
     from voicemesh.cli.mesh import Mesh, free_ports
-    from voicemesh.runtime.models import model_path
-    from voicemesh.stt.models import WHISPER_BASE
-    from voicemesh.vad.models import SMART_TURN
 
     python = bench_python()
     if python is None:
@@ -124,12 +134,7 @@ def run(turns: int, stop_timeout: float, interims: bool = True) -> dict:
         try:
             llm = LineProcess([sys.executable, "-m", "bench.v2v_llm_server", "--port", str(free_port())], logs / "llm-server.log")
             url = llm.read_json(300)["url"]
-            pipecat = LineProcess([str(python), "-m", "bench.pipecat_embedded", "--llm-url", url,
-                                   "--whisper-dir", str(model_path(WHISPER_BASE)),
-                                   "--smart-turn", str(model_path(SMART_TURN)), "--stop-timeout", str(stop_timeout)],
-                                  logs / "pipecat.log",
-                                  env={"HF_HUB_OFFLINE": "1"})
-            pipecat.read_json(300)
+            pipecat = start_pipecat(python, url, logs / "pipecat.log", stop_timeout)
             log(f"ready in {time.monotonic() - started:.0f} s; warm-up turns (not counted)")
             asyncio.run(mesh_turn(mesh.orchestrator_address, clips[0], TURN_DEADLINE_S, interims))
             pipecat_turn(pipecat, clips[0], Path(tmp))

@@ -14,7 +14,7 @@ import time
 
 from bench.embedded import smart_turn_defaults
 from bench.v2v_corpus import Clip
-from bench.v2v_pacing import FRAME_SAMPLES, paced_send, since
+from bench.v2v_pacing import paced_send, since
 from bench.v2v_stats import answered_right
 from voicemesh.client import config_request
 from voicemesh.client.session import SessionTracker, open_session
@@ -57,20 +57,16 @@ async def mesh_turn(addr: str, clip: Clip, deadline_s: float = 30.0, interims: b
     config.config.metrics = True  # the per-turn Metrics event: the LLM's and TTS's time to first result
     config.config.interim_transcripts = interims  # on, as the clients ship; off: no caption decodes while speaking
 
-    end_frame, written = (clip.speech_end - 1) // FRAME_SAMPLES, [0]
-
     async def write(data: bytes) -> None:
         await call.write(pb.ConverseRequest(audio=common_pb2.AudioChunk(data=data)))
-        if written[0] == end_frame:  # known now, so a TurnEnded can end the turn (paced_send returns it too)
-            speech_end_at.append(time.monotonic())
-        written[0] += 1
 
     async with open_session(addr, config, tracker, end_timeout=10.0) as call:
         if call is None:
             return {"failure": tracker.result.failure or "no session"}
         watcher = asyncio.create_task(_set_when(tracker.ended, done))
         try:
-            await paced_send(clip.samples, clip.speech_end, write, done, deadline_s)
+            # The speech end is recorded as it is sent, so a TurnEnded can end the turn at once.
+            await paced_send(clip.samples, clip.speech_end, write, done, deadline_s, speech_end_at.append)
         finally:
             watcher.cancel()
     end = speech_end_at[0] if speech_end_at else None

@@ -16,9 +16,11 @@ FRAME_SAMPLES = RATE_HZ * FRAME_MS // 1000
 
 
 async def paced_send(samples: np.ndarray, speech_end: int, write: Callable[[bytes], Awaitable[None]],
-                     done: asyncio.Event, deadline_s: float) -> float | None:
+                     done: asyncio.Event, deadline_s: float,
+                     on_speech_end: Callable[[float], None] | None = None) -> float | None:
     """Send until `done` is set or `deadline_s` after the start; returns the monotonic time the
-    frame holding the speech's last sample was written (None if it never was)."""
+    frame holding the speech's last sample was written (None if it never was), and hands it to
+    `on_speech_end` as soon as it is known (a caller that ends the turn on an event needs it then)."""
     end_frame = (speech_end - 1) // FRAME_SAMPLES
     start = time.monotonic()
     speech_end_at, index = None, 0
@@ -28,6 +30,8 @@ async def paced_send(samples: np.ndarray, speech_end: int, write: Callable[[byte
         await write(data.ljust(2 * FRAME_SAMPLES, b"\0"))
         if index == end_frame:
             speech_end_at = time.monotonic()
+            if on_speech_end is not None:
+                on_speech_end(speech_end_at)
         index += 1
     return speech_end_at
 
