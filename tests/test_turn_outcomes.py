@@ -180,9 +180,11 @@ async def test_cancel_with_a_turn_in_flight_says_so(late_mesh):
 
 @pytest.mark.e2e
 @pytest.mark.models
-def test_the_real_stack_answers_past_a_tiny_final_timeout(real_mesh):
-    """On the embedded models, with the final timeout at 0.1 s (Whisper always takes longer):
-    the turn is reported delayed and still answered."""
+def test_the_real_stack_answers_with_a_tiny_final_timeout(real_mesh):
+    """On the embedded models, with the final timeout at 0.1 s, the turn is answered. Whether the
+    final beats 0.1 s depends on the machine (a pause decode reused as the final comes at once,
+    a fresh decode takes ~0.1 s on 2 cores), so the delayed report itself is tested above with
+    a final held back."""
     from voicemesh.client.session import talk_session
     from voicemesh.client.wavio import load_for_sending
 
@@ -193,5 +195,5 @@ def test_the_real_stack_answers_past_a_tiny_final_timeout(real_mesh):
                                       configure=configure))
     assert len(result.turns) == 1, result.to_json()
     (turn,) = result.turns
-    assert turn.delayed and turn.reason == "ANSWERED", result.to_json()
+    assert turn.reason == "ANSWERED", result.to_json()
     assert "capital" in turn.user_transcript.lower() and turn.bot_text

