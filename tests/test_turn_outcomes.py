@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from support import PCM16_16K, ConverseProbe, Processes, event_is, release_finals, silence, start_fake_mesh, tone
+from support import (
+    PCM16_16K, ConverseProbe, Processes, event_is, fake_mesh, release_finals, silence, start_fake_mesh, tone,
+)
+from voicemesh.runtime.fakes import FakeScript
 from voicemesh.v1 import orchestrator_pb2 as pb
 
 Ended = pb.TurnEnded
@@ -197,3 +200,30 @@ def test_the_real_stack_answers_with_a_tiny_final_timeout(real_mesh):
     (turn,) = result.turns
     assert turn.reason == "ANSWERED", result.to_json()
     assert "capital" in turn.user_transcript.lower() and turn.bot_text
+
+
+QUEUED_S = 6.0
+
+
+@pytest.fixture(scope="module")
+def busy_llm_mesh(tmp_path_factory):
+    """The fake LLM keeps every request waiting for a slot QUEUED_S, three times the orchestrator's
+    reply watchdog, saying Queued every 0.25 s as the llama.cpp provider does."""
+    procs = Processes(tmp_path_factory.mktemp("busy-llm"))
+    script = FakeScript(transcripts=(FIRST_WORDS,), llm_queued_ms=QUEUED_S * 1000, llm_queued_every_ms=250)
+    try:
+        yield fake_mesh(procs, script, env={"VOICEMESH_REPLY_STALL_SECS": str(QUEUED_S / 3)})
+    finally:
+        procs.stop_all()
+
+
+async def test_a_reply_queued_behind_other_generations_is_waited_for_not_given_up(busy_llm_mesh):
+    """A request waiting for the LLM's slot is a busy service, not a hung one: the watchdog waits
+    on it (a hung LLM, which sends nothing, is given up: test_faults.py)."""
+    config = held_config(prefix="busy")
+    async with ConverseProbe(busy_llm_mesh.orchestrator_address, config) as probe:
+        await probe.send_audio(utterance())
+        ended = (await probe.wait_for(event_is("turn_ended", turn_number=1), timeout=60)).turn_ended
+        assert ended.reason == Ended.REASON_ANSWERED, (ended, probe.kinds())
+        assert "error" not in probe.kinds(), probe.of("error")
+        assert [t.text for t in probe.of("bot_text")] == [f"You said: {FIRST_WORDS}."]

@@ -11,6 +11,7 @@ import pytest_asyncio
 from voicemesh.llm.providers.base import (
     ChatTurn,
     GenerationParams,
+    Queued,
     RoundEnd,
     TextDelta,
     ToolCallRequest,
@@ -184,6 +185,38 @@ async def test_cancel_during_prefill_stops_generation(provider):
     assert after["tokens_predicted_total"] - before["tokens_predicted_total"] < 20
     events = await collect(provider, chat(("user", "Say hello.")), params=GenerationParams(max_tokens=16))
     assert isinstance(events[-1], RoundEnd) and events[-1].output_tokens > 0
+
+
+@pytest.mark.models
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_request_waiting_for_the_slot_says_so_and_one_closed_there_gives_up_its_place(provider):
+    """One slot: a second request yields Queued until the first is done, then its answer; a third,
+    closed while it waits behind the second, leaves the queue and takes no slot with it."""
+    assert provider.parallel == 1
+    await wait_idle(provider)
+    seen: list = []
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            first = provider.stream(chat(("user", "Count from 1 to 300, one number per line.")), [],
+                                    GenerationParams(max_tokens=200))
+            assert isinstance(await anext(first), TextDelta)  # it holds the slot
+            second = provider.stream(chat(("system", SYSTEM), ("user", "What is the capital of France?")), [], GREEDY)
+            waiting = await anext(second)
+            assert isinstance(waiting, Queued) and waiting.ahead == 0, waiting
+            third = provider.stream(chat(("user", "Say hello.")), [], GenerationParams(max_tokens=16))
+            behind = await anext(third)
+            assert isinstance(behind, Queued) and behind.ahead == 1, behind
+            await third.aclose()
+            await first.aclose()  # the slot goes to the second
+            seen = [event async for event in second]
+            assert "Paris" in "".join(e.text for e in seen if isinstance(e, TextDelta)), seen
+            assert isinstance(seen[-1], RoundEnd) and seen[-1].finish_reason == "stop"
+            # No slot was lost to the closed ones: two more requests run, one after the other.
+            for _ in range(2):
+                seen = await collect(provider, chat(("user", "Say hello.")), params=GenerationParams(max_tokens=8))
+                assert isinstance(seen[-1], RoundEnd), seen
+    except TimeoutError:
+        raise AssertionError(f"stuck after {DEADLINE_S} s (a slot lost?); last events {seen}") from None
 
 
 @pytest.mark.models

@@ -5,7 +5,9 @@ what comes back, in order: stream writes, the reply tasks (a BotReply per turn, 
 ones behind a HeldPlayout), playout and tool calls, the context, timers, the lifecycle
 observers. It decides nothing about turns (every `if` about them is in turns.py), with one
 watchdog: a reply that makes no progress for REPLY_STALL_S (a hung LLM or TTS replica) is
-cancelled and reported as failed, so no turn waits forever.
+cancelled and reported as failed, so no turn waits forever. An LLM that queues the request
+behind other generations says so every few seconds (GenerateResponse.queued): that counts as
+progress, so load delays a reply and never fails it.
 """
 from __future__ import annotations
 
@@ -175,7 +177,7 @@ class EffectRunner:
         task, turn = self.reply_task, self._reply_turn
         if task is None or task.done() or turn is None or turn.ended:
             return
-        now, mark = self.clock(), self._pulse + turn.tts_characters + len(turn.ttfb_ms)
+        now, mark = self.clock(), self._pulse + turn.tts_characters + len(turn.ttfb_ms) + turn.llm_queued
         if mark != self._stall[0] or self.tools.in_progress:
             self._stall = (mark, now)
             return

@@ -147,7 +147,9 @@ class BotReply:
                 first_delta = False
                 self.turn.ttfb_ms["llm"] = (time.monotonic() - self._llm_started) * 1000
                 metrics().ttfb.record(self.turn.ttfb_ms["llm"], {"service": "llm"})
-            if kind == "tool_call":
+            if kind == "queued":
+                self.turn.llm_queued += 1  # a busy LLM says so every few seconds: the watchdog waits on
+            elif kind == "tool_call":
                 calls.append(response.tool_call)
             elif kind == "awaiting_tool_results":
                 await self._run_tools(llm_call, calls)

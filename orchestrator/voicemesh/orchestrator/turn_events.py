@@ -43,6 +43,7 @@ class Turn:
     llm_usage: tuple[int, int] = (0, 0)
     ttfb_ms: dict[str, float] = field(default_factory=dict)  # per service, for the Metrics event
     tts_characters: int = 0
+    llm_queued: int = 0  # Queued messages from the LLM: it is busy with others, not hung
     span: object = None  # the turn's span (opentelemetry Span), set by the tracing observer
 
     @property

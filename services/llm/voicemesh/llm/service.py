@@ -15,6 +15,7 @@ from voicemesh.llm.providers.base import (
     ChatTurn,
     GenerationParams,
     LlmProvider,
+    Queued,
     RoundEnd,
     TextDelta,
     ToolCallRequest,
@@ -134,6 +135,9 @@ class LlmServicer(ServicerBase, llm_pb2_grpc.LlmServiceServicer):
                         yield llm_pb2.GenerateResponse(
                             tool_call=llm_pb2.ToolCall(id=event.id, name=event.name, arguments_json=json.dumps(event.arguments))
                         )
+                    elif isinstance(event, Queued):
+                        span.add_event("queued", {"ahead": event.ahead, "waited_ms": event.waited_ms})
+                        yield llm_pb2.GenerateResponse(queued=llm_pb2.Queued(ahead=event.ahead, waited_ms=event.waited_ms))
                     elif isinstance(event, RoundEnd):
                         finish = event.finish_reason
                         input_tokens += event.input_tokens

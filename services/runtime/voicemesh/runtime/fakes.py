@@ -54,6 +54,8 @@ class FakeScript:
     llm_first_token_ms: float = 10.0  # request -> first delta
     llm_first_delta_words: int = 1  # words in the first delta
     llm_token_ms: float = 10.0  # then one word per this
+    llm_queued_ms: float = 0.0  # before that, each request waits this long for a slot (a busy model) ...
+    llm_queued_every_ms: float = 500.0  # ... saying Queued this often, as the llama.cpp provider does
     tts_first_audio_ms: float = 20.0  # sentence -> first audio
     ms_per_char: float = 20.0  # audio per character of the sentence...
     tts_sentence_ms: float = 0.0  # ...unless this is set: every sentence this long

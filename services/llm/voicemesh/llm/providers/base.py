@@ -52,7 +52,17 @@ class RoundEnd:
     output_tokens: int = 0
 
 
-LlmEvent = TextDelta | ToolCallRequest | RoundEnd
+@dataclass(frozen=True)
+class Queued:
+    """The request waits for a generation slot (a provider that runs a fixed number at once):
+    yielded when the wait begins and every few seconds while it lasts, so the caller can tell a
+    busy provider from a hung one."""
+
+    ahead: int  # requests waiting before this one
+    waited_ms: int
+
+
+LlmEvent = TextDelta | ToolCallRequest | RoundEnd | Queued
 
 
 @dataclass

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from voicemesh.llm.providers.base import (
-    ChatTurn, GenerationParams, LlmEvent, LlmProvider, RoundEnd, TextDelta, ToolCallRequest, ToolSpec,
+    ChatTurn, GenerationParams, LlmEvent, LlmProvider, Queued, RoundEnd, TextDelta, ToolCallRequest, ToolSpec,
 )
 from voicemesh.runtime.fakes import FakeScript
 from voicemesh.runtime.provider import ProviderInfo
@@ -43,6 +43,8 @@ class FakeLlmProvider(LlmProvider):
 
     async def stream(self, messages: list[ChatTurn], tools: list[ToolSpec], params: GenerationParams) -> AsyncIterator[LlmEvent]:
         self.calls += 1
+        async for waiting in self._queued():
+            yield waiting
         if messages and messages[-1].role == "tool":  # the second round of a tool call
             results = []
             for message in reversed(messages):
@@ -70,6 +72,15 @@ class FakeLlmProvider(LlmProvider):
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
+
+    async def _queued(self) -> AsyncIterator[Queued]:
+        """The script's slot wait: Queued at once and every llm_queued_every_ms until it is over."""
+        waited, total = 0.0, self.script.llm_queued_ms
+        while waited < total:
+            yield Queued(ahead=0, waited_ms=round(waited))
+            step = min(max(1.0, self.script.llm_queued_every_ms), total - waited)
+            await asyncio.sleep(step / 1000)
+            waited += step
 
     def info(self) -> ProviderInfo:
         details = {"llm_calls": str(self.calls), "llm_cancelled": str(self.cancelled), **self.script.details}

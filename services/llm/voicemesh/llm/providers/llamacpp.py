@@ -11,7 +11,9 @@ the event loop via call_soon_threadsafe.
 Concurrency: at most `parallel` requests (llama.cpp slots) run at once; extra ones wait
 on an asyncio semaphore (cancelling a waiting one is instant), and a slot is freed only
 when its thread has left llama.cpp. Default 1: on a 2-core box two interleaved streams
-each get about half the tokens/s, and a voice turn wants the lowest latency.
+each get about half the tokens/s, and a voice turn wants the lowest latency. A waiting
+request yields Queued at once and every QUEUED_EVERY_S, which the service sends on: the
+caller's stall watchdog sees a busy model, not a hung one.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from voicemesh.llm.providers.base import (
     GenerationParams,
     LlmEvent,
     LlmProvider,
+    Queued,
     RoundEnd,
     ToolSpec,
 )
@@ -49,6 +52,7 @@ DEFAULT_THREADS = 2  # at most; fewer when the process has fewer CPUs (runtime/c
 # OpenMP instead, whose waits OMP_WAIT_POLICY governs, but a build without it would poll.
 POLL = 0
 _DONE = object()  # end-of-stream marker put on the queue by the generation thread
+QUEUED_EVERY_S = 2.0  # how often a request waiting for a slot says so (well under a caller's stall limit)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -84,6 +88,7 @@ class LlamaCppLlmProvider(LlmProvider):
         # One thread per slot, plus one so load/close/metrics never queue behind generation.
         self._executor = ThreadPoolExecutor(self.parallel + 1, thread_name_prefix="llamacpp")
         self._slots = asyncio.Semaphore(self.parallel)
+        self._waiting: list[object] = []  # requests waiting for a slot, oldest first
         self._running: dict[asyncio.Future[None], threading.Event] = {}  # generation threads
         self._call_ids = itertools.count(1)
 
@@ -202,7 +207,10 @@ class LlamaCppLlmProvider(LlmProvider):
             loop.call_soon_threadsafe(queue.put_nowait, chunk)
             return False
 
-        generation = await self._start_generation(request, on_chunk, cancel, queue)
+        async with contextlib.aclosing(self._take_slot()) as waits:  # a consumer gone gives up the place
+            async for waiting in waits:
+                yield waiting
+        generation = self._start_generation(request, on_chunk, cancel, queue)
         try:
             async with contextlib.aclosing(self._events(queue, tools)) as events:
                 async for event in events:
@@ -215,11 +223,35 @@ class LlamaCppLlmProvider(LlmProvider):
             # token, or a prompt-progress report during prefill) and then frees the slot.
             cancel.set()
 
-    async def _start_generation(
+    async def _take_slot(self) -> AsyncIterator[Queued]:
+        """Take a generation slot; while none is free, yield Queued now and every QUEUED_EVERY_S.
+        Closing the iterator while it waits gives up the place in the queue at once."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return
+        ticket, started = object(), time.monotonic()
+        self._waiting.append(ticket)
+        acquiring = asyncio.ensure_future(self._slots.acquire())
+        try:
+            while True:
+                waited_ms = round((time.monotonic() - started) * 1000)
+                yield Queued(ahead=self._waiting.index(ticket), waited_ms=waited_ms)
+                done, _ = await asyncio.wait({acquiring}, timeout=QUEUED_EVERY_S)
+                if done:
+                    acquiring.result()
+                    return
+        except BaseException:
+            if acquiring.done() and not acquiring.cancelled() and acquiring.exception() is None:
+                self._slots.release()  # the slot came as the wait was given up
+            acquiring.cancel()
+            raise
+        finally:
+            self._waiting.remove(ticket)
+
+    def _start_generation(
         self, request: dict[str, Any], on_chunk: Any, cancel: threading.Event, queue: asyncio.Queue[Any]
     ) -> asyncio.Future[None]:
-        """Take a slot and run the request on a worker thread; the slot is freed when it ends."""
-        await self._slots.acquire()  # cancelling a waiting request is instant
+        """Run the request on a worker thread, in the slot taken; the slot is freed when it ends."""
         if self._closing or self._server is None:
             self._slots.release()
             raise RuntimeError("LlamaCppLlmProvider is closed")
