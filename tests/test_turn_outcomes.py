@@ -208,7 +208,7 @@ QUEUED_S = 6.0
 @pytest.fixture(scope="module")
 def busy_llm_mesh(tmp_path_factory):
     """The fake LLM keeps every request waiting for a slot QUEUED_S, three times the orchestrator's
-    reply watchdog, saying Queued every 0.25 s as the llama.cpp provider does."""
+    reply watchdog, saying Queued every 0.25 s (the llama.cpp provider says it every 2 s)."""
     procs = Processes(tmp_path_factory.mktemp("busy-llm"))
     script = FakeScript(transcripts=(FIRST_WORDS,), llm_queued_ms=QUEUED_S * 1000, llm_queued_every_ms=250)
     try:

@@ -106,8 +106,10 @@ class LlmServicer(ServicerBase, llm_pb2_grpc.LlmServiceServicer):
                 "turn.id": chat.turn_id, "speculative": telemetry.is_speculative(metadata),
             }
             with telemetry.service_span("llm", telemetry.context_from_metadata(metadata), attributes) as span:
-                async for response in self._rounds(request_iterator, messages, tools, params, span):
-                    yield response
+                # Closed at once if the call ends mid-stream: the provider gives up its slot or place.
+                async with contextlib.aclosing(self._rounds(request_iterator, messages, tools, params, span)) as rounds:
+                    async for response in rounds:
+                        yield response
 
     async def _rounds(self, request_iterator, messages, tools, params, span):
         """Generation rounds: each tool round trip with the caller starts another round."""

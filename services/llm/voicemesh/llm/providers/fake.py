@@ -4,6 +4,7 @@ servicer appends in the next, like a model would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from voicemesh.llm.providers.base import (
@@ -43,8 +44,9 @@ class FakeLlmProvider(LlmProvider):
 
     async def stream(self, messages: list[ChatTurn], tools: list[ToolSpec], params: GenerationParams) -> AsyncIterator[LlmEvent]:
         self.calls += 1
-        async for waiting in self._queued():
-            yield waiting
+        async with contextlib.aclosing(self._queued()) as waits:
+            async for waiting in waits:
+                yield waiting
         if messages and messages[-1].role == "tool":  # the second round of a tool call
             results = []
             for message in reversed(messages):

@@ -13,7 +13,10 @@ on an asyncio semaphore (cancelling a waiting one is instant), and a slot is fre
 when its thread has left llama.cpp. Default 1: on a 2-core box two interleaved streams
 each get about half the tokens/s, and a voice turn wants the lowest latency. A waiting
 request yields Queued at once and every QUEUED_EVERY_S, which the service sends on: the
-caller's stall watchdog sees a busy model, not a hung one.
+caller's stall watchdog sees a busy model, not a hung one. Only while the generations holding
+the slots make progress, though: once none has produced a chunk for HOLDER_STALL_S the
+heartbeats stop, so the requests behind a hung generation fail at the caller's watchdog
+instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ DEFAULT_THREADS = 2  # at most; fewer when the process has fewer CPUs (runtime/c
 POLL = 0
 _DONE = object()  # end-of-stream marker put on the queue by the generation thread
 QUEUED_EVERY_S = 2.0  # how often a request waiting for a slot says so (well under a caller's stall limit)
+HOLDER_STALL_S = 10.0  # no chunk from any running generation this long: it may be hung, stop saying Queued
 
 
 def _env_int(name: str, default: int) -> int:
@@ -89,6 +93,8 @@ class LlamaCppLlmProvider(LlmProvider):
         self._executor = ThreadPoolExecutor(self.parallel + 1, thread_name_prefix="llamacpp")
         self._slots = asyncio.Semaphore(self.parallel)
         self._waiting: list[object] = []  # requests waiting for a slot, oldest first
+        self._progress_at = time.monotonic()  # a running generation's last chunk (set on its thread)
+        self.wait_rounds = 0  # heartbeat rounds of waiting requests so far (tests watch the wait by it)
         self._running: dict[asyncio.Future[None], threading.Event] = {}  # generation threads
         self._call_ids = itertools.count(1)
 
@@ -204,6 +210,7 @@ class LlamaCppLlmProvider(LlmProvider):
             # Runs on the generation thread. True tells llama.cpp to stop this request.
             if cancel.is_set():
                 return True
+            self._progress_at = time.monotonic()
             loop.call_soon_threadsafe(queue.put_nowait, chunk)
             return False
 
@@ -224,28 +231,38 @@ class LlamaCppLlmProvider(LlmProvider):
             cancel.set()
 
     async def _take_slot(self) -> AsyncIterator[Queued]:
-        """Take a generation slot; while none is free, yield Queued now and every QUEUED_EVERY_S.
-        Closing the iterator while it waits gives up the place in the queue at once."""
+        """Take a generation slot; while none is free, yield Queued now and every QUEUED_EVERY_S
+        (while the running generations make progress). Closing the iterator while it waits
+        gives up the place in the queue at once."""
         if not self._slots.locked():
             await self._slots.acquire()
             return
         ticket, started = object(), time.monotonic()
         self._waiting.append(ticket)
         acquiring = asyncio.ensure_future(self._slots.acquire())
+        acquiring.add_done_callback(lambda _: self._leave_queue(ticket))  # "ahead" counts only waiters
         try:
+            heartbeat = True  # the first one always goes: the wait has begun
             while True:
-                waited_ms = round((time.monotonic() - started) * 1000)
-                yield Queued(ahead=self._waiting.index(ticket), waited_ms=waited_ms)
+                if heartbeat:
+                    waited_ms = round((time.monotonic() - started) * 1000)
+                    yield Queued(ahead=self._waiting.index(ticket) if ticket in self._waiting else 0, waited_ms=waited_ms)
                 done, _ = await asyncio.wait({acquiring}, timeout=QUEUED_EVERY_S)
                 if done:
                     acquiring.result()
                     return
+                self.wait_rounds += 1
+                heartbeat = time.monotonic() - self._progress_at < HOLDER_STALL_S
         except BaseException:
             if acquiring.done() and not acquiring.cancelled() and acquiring.exception() is None:
                 self._slots.release()  # the slot came as the wait was given up
             acquiring.cancel()
             raise
         finally:
+            self._leave_queue(ticket)
+
+    def _leave_queue(self, ticket: object) -> None:
+        if ticket in self._waiting:
             self._waiting.remove(ticket)
 
     def _start_generation(
@@ -256,6 +273,7 @@ class LlamaCppLlmProvider(LlmProvider):
             self._slots.release()
             raise RuntimeError("LlamaCppLlmProvider is closed")
         loop = asyncio.get_running_loop()
+        self._progress_at = time.monotonic()
         # The thread pops the server so its last reference never drops on the loop.
         server_ref = [self._server]
 
