@@ -26,14 +26,14 @@ log = logging.getLogger("voicemesh.stt.providers.whisper")
 
 WHISPER_RATE_HZ = 16_000
 WINDOW_S = 30  # Whisper's input window: how much audio a stream keeps
-MAX_DECODE_MS = 29_900  # the pipeline takes audio as one clip only when it is under 30 s
+MAX_DECODE_MS = 29_900  # one decode takes at most Whisper's 30 s window (whisper_window.py)
 PREROLL_MS = 250  # VAD reports speech starts ~100-250 ms late; keep the onset of the first word
-# Audio time between interim decodes. One decode takes ~0.4-0.6 s on 2 cores, so 0.7 s keeps
-# a single stream's interims close to real time without a backlog.
+# Audio time between interim decodes. One decode of a few seconds takes ~0.1 s on 2 cores (its
+# window cut to the audio; ~0.6 s on a 30 s one), so 0.7 s keeps many streams' captions current.
 INTERIM_EVERY_MS = 700
 # Pause decodes: when the user pauses (PAUSE_MS of quiet audio), decode at once, so that if
 # the pause turns out to be the end of the utterance, finalize() can answer with that decode
-# instead of starting one (the VAD needs ~0.8 s to confirm the end; a decode takes ~0.45 s).
+# instead of starting one (the VAD needs 0.2-0.8 s to confirm the end; a decode takes ~0.1 s).
 PAUSE_MS = 200
 QUIET_FRAME_MS = 20
 QUIET_RATIO = 0.1  # a frame is quiet below this share of the utterance's loudest frame ...

@@ -1,17 +1,19 @@
 """One Whisper decode on an encoder window cut to the audio.
 
 Whisper was trained on 30 s windows, and faster-whisper pads every clip to one, so for a 2-3 s
-utterance about 85 % of a decode went to encoding silence (base, 2 threads: ~430 ms of a
+utterance about 70 % of a decode went to encoding the padding (base, 2 threads: ~430 ms of a
 ~600 ms decode). CTranslate2's encoder takes shorter inputs, and the decoder attends to
 whatever the encoder gives it, so a decode here encodes the audio plus WINDOW_PAD_S of
-silence, rounded up to whole seconds (a few distinct shapes, no 30 s one unless asked for).
-Measured on the bench's voices (docs/performance.md#stt-levers): ~6x faster, with the same
-word error rate as the 30 s window.
+silence, rounded up to whole seconds (a few distinct shapes). Measured on the bench's voices
+(docs/performance.md#stt-levers): ~6x faster, at +0.9 points of word error rate against the
+30 s window. "full" keeps faster-whisper's own window (its features zero-padded to 30 s).
 
 The decode itself is what faster-whisper's batched pipeline did on one clip: greedy (or beam)
 search without timestamp tokens, the language fixed, its non-speech tokens suppressed, and
-word times from the cross-attention alignment. The output length is capped by the audio's
-length, so a degenerate loop on noise cannot run to the model's 448 tokens.
+word times from the cross-attention alignment (without faster-whisper's clamping of overlong
+first and last words). The output is capped by the audio's length, so a degenerate loop on
+noise cannot run to the model's 448 tokens; a decode that reaches the cap (a dense script) is
+run again with the model's whole budget.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class WindowResult:
 
 def window_samples(audio_samples: int, window: str) -> int:
     """The padded length of a decode: the audio plus WINDOW_PAD_S, in whole seconds, at most 30 s;
-    "full": always 30 s, as faster-whisper does."""
+    "full": always 30 s."""
     if window == "full":
         return FULL_WINDOW_S * RATE_HZ
     seconds = math.ceil((audio_samples + WINDOW_PAD_S * RATE_HZ) / RATE_HZ)
@@ -76,26 +78,35 @@ class WindowedWhisper:
 
     def decode(self, audio: np.ndarray, language: str, beam_size: int, words: bool) -> WindowResult:
         """float32 16 kHz mono audio, under 30 s -> one segment's text, scores and word times."""
+        from faster_whisper.audio import pad_or_trim
         from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 
         audio = audio[: FULL_WINDOW_S * RATE_HZ]  # the stream never sends more (MAX_DECODE_MS)
-        padded = np.zeros(window_samples(len(audio), self.window), np.float32)
-        padded[: len(audio)] = audio
-        features = self.model.feature_extractor(padded)[..., :-1]  # (mels, frames); the last is the pad's edge
+        if self.window == "full":  # as faster-whisper's pipeline: the clip's features, zero-padded
+            features = pad_or_trim(self.model.feature_extractor(audio)[..., :-1])
+        else:
+            padded = np.zeros(window_samples(len(audio), self.window), np.float32)
+            padded[: len(audio)] = audio
+            features = self.model.feature_extractor(padded)[..., :-1]  # (mels, frames); the last is the pad's edge
         encoded = self.model.encode(features)
         tokenizer = self._tokenizer(language)
         prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
-        max_new = min(self.model.max_length // 2, TOKENS_MARGIN + math.ceil(TOKENS_PER_S * len(audio) / RATE_HZ))
-        result = self.model.model.generate(
-            encoded, [prompt], beam_size=beam_size, max_length=len(prompt) + max_new,
-            return_scores=True, return_no_speech_prob=True, suppress_blank=True,
-            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
-        )[0]
-        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
-        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)  # length-normalised score -> mean
+        budget = self.model.max_length // 2
+        capped = min(budget, TOKENS_MARGIN + math.ceil(TOKENS_PER_S * len(audio) / RATE_HZ))
+        for max_new in dict.fromkeys((capped, budget)):  # the whole budget only if the cap was reached
+            result = self.model.model.generate(
+                encoded, [prompt], beam_size=beam_size, max_length=len(prompt) + max_new,
+                return_scores=True, return_no_speech_prob=True, suppress_blank=True,
+                suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+            )[0]
+            generated = result.sequences_ids[0]
+            if len(generated) < max_new:
+                break
+        tokens = [t for t in generated if t < tokenizer.eot]
+        avg_logprob = result.scores[0] * len(generated) / (len(generated) + 1)  # length-normalised -> mean
         timed: tuple[tuple[str, float, float, float], ...] = ()
         if words and tokens:
-            frames = min(features.shape[-1], math.ceil(len(audio) / HOP))
+            frames = min(features.shape[-1], max(2, math.ceil(len(audio) / HOP)))  # the audio's, not the padding's
             alignment = self.model.find_alignment(tokenizer, [tokens], encoded, frames)[0]
             merge_punctuations(alignment, PREPEND_PUNCTUATION, APPEND_PUNCTUATION)
             timed = tuple((w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
