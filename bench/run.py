@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(wire, the default: no servicer cost in the figures) or the real services with "
                              "--provider fake (providers)")
     parser.add_argument("--same-models-turns", type=int, default=20, help="turns per side, voice-to-voice against Pipecat")
-    parser.add_argument("--box-levels", type=ints, default=[1, 2, 3, 4], help="concurrent conversations tried per side")
+    parser.add_argument("--box-levels", type=ints, default=[1, 2, 3, 4, 6, 8], help="concurrent conversations tried per side")
     parser.add_argument("--box-turns", type=int, default=6, help="turns per conversation at each level")
     parser.add_argument("--skip", default="",
                         help="comma-separated stages: overhead,capacity,vad,embedded,contention,same-models,box")

@@ -1,7 +1,7 @@
 """Conversations per box: how many concurrent spoken conversations the 2 cores hold before
 voice-to-voice p90 doubles, the embedded mesh against Pipecat on the same models.
 
-`python -m bench.v2v_box [--levels 1,2,3,4] [--turns 6]` (from the main .venv; bench/.venv-pipecat
+`python -m bench.v2v_box [--levels 1,2,3,4,6,8] [--turns 6]` (from the main .venv; bench/.venv-pipecat
 must exist). The two sides are deployed the way each is run:
 
 - the mesh: one embedded mesh (every service a process, shared by all conversations), N
@@ -198,7 +198,7 @@ def _log_level(side: str, level: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--levels", default="1,2,3,4", help="conversation counts, increasing, starting at 1")
+    parser.add_argument("--levels", default="1,2,3,4,6,8", help="conversation counts, increasing, starting at 1")
     parser.add_argument("--turns", type=int, default=6, help="turns per conversation per level")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
