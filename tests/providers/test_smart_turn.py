@@ -24,8 +24,9 @@ from voicemesh.vad.smart_turn import FRAMES, N_MELS, WINDOW_SAMPLES, SmartTurnMo
 RATE = 16000
 WINDOW = 512  # Silero's window: the segmenter counts in these
 WINDOW_MS = WINDOW * 1000 // RATE
-SMART = SegmenterParams(smart_turn=True, stop_secs=0.2, max_silence_secs=3.0)  # stop: 6 windows; max: 94
+SMART = SegmenterParams(smart_turn=True, stop_secs=0.2, max_silence_secs=3.0, smart_turn_recheck_secs=0)  # stop: 6 windows; max: 94
 STOP_WINDOWS, MAX_WINDOWS = 6, 94
+RECHECK = SegmenterParams(smart_turn=True, stop_secs=0.2, max_silence_secs=3.0, smart_turn_recheck_secs=0.4)  # 12 windows
 
 
 def read_fixture(name: str) -> np.ndarray:
@@ -162,6 +163,39 @@ def test_held_stop_falls_back_after_max_silence():
     assert (stopped.kind, stopped.offset_ms, stopped.silence_fallback) == (EventKind.STOPPED, 20 * WINDOW_MS, True)
     assert stopped.end_of_turn_probability == 0.2  # what the model said about this pause
     assert not segmenter.speaking
+
+
+def test_a_held_stop_is_put_to_the_model_again_as_the_silence_grows():
+    """Recheck on: every 0.4 s (12 windows) of further silence proposes the held stop again; a
+    confident answer then ends the turn at the speech end, decided by the model, not the fallback."""
+    segmenter = SpeechSegmenter(RECHECK)
+    feed(segmenter, [0.9] * 20 + [0.0] * STOP_WINDOWS)
+    assert segmenter.resolve_stop(0.2) == [] and segmenter.speaking
+    events = feed(segmenter, [0.0] * 12, first_window=26)
+    assert [(i, e.kind) for i, e in events] == [(37, EventKind.STOP_CANDIDATE)]
+    assert segmenter.resolve_stop(0.3) == []  # still doubted: held again
+    assert [(i, e.kind) for i, e in feed(segmenter, [0.0] * 12, first_window=38)] == [(49, EventKind.STOP_CANDIDATE)]
+    (stopped,) = segmenter.resolve_stop(0.8)
+    assert (stopped.kind, stopped.offset_ms, stopped.end_of_turn_probability, stopped.silence_fallback) == (
+        EventKind.STOPPED, 20 * WINDOW_MS, 0.8, False)
+
+
+def test_rechecks_end_at_the_silence_fallback():
+    segmenter = SpeechSegmenter(RECHECK)
+    events = feed(segmenter, [0.9] * 20 + [0.0] * MAX_WINDOWS)  # never answered: each candidate stays pending
+    assert [e.kind for _, e in events] == [EventKind.STARTED, EventKind.STOP_CANDIDATE, EventKind.STOPPED]
+    assert events[-1][1].silence_fallback
+    segmenter = SpeechSegmenter(RECHECK)
+    feed(segmenter, [0.9] * 20 + [0.0] * STOP_WINDOWS)
+    segmenter.resolve_stop(0.1)
+    candidates = 0
+    for window in range(26, 20 + MAX_WINDOWS):  # every candidate doubted
+        for event in feed(segmenter, [0.0], first_window=window):
+            if event[1].kind is EventKind.STOP_CANDIDATE:
+                candidates += 1
+                segmenter.resolve_stop(0.1)
+    assert candidates == (MAX_WINDOWS - STOP_WINDOWS - 1) // 12  # one per 0.4 s until the fallback
+    assert not segmenter.speaking  # the fallback stopped it
 
 
 def test_resumed_speech_continues_the_held_segment():
