@@ -24,9 +24,10 @@ from voicemesh.vad.smart_turn import FRAMES, N_MELS, WINDOW_SAMPLES, SmartTurnMo
 RATE = 16000
 WINDOW = 512  # Silero's window: the segmenter counts in these
 WINDOW_MS = WINDOW * 1000 // RATE
-SMART = SegmenterParams(smart_turn=True, stop_secs=0.2, max_silence_secs=3.0, smart_turn_recheck_secs=0)  # stop: 6 windows; max: 94
+# stop: 6 windows; max: 94; SMART asks the model once per pause, RECHECK again every 12 windows
+SMART = SegmenterParams(smart_turn=True, stop_secs=0.2, max_silence_secs=3.0, smart_turn_recheck_secs=0)
 STOP_WINDOWS, MAX_WINDOWS = 6, 94
-RECHECK = SegmenterParams(smart_turn=True, stop_secs=0.2, max_silence_secs=3.0, smart_turn_recheck_secs=0.4)  # 12 windows
+RECHECK = SegmenterParams(smart_turn=True, stop_secs=0.2, max_silence_secs=3.0, smart_turn_recheck_secs=0.4)
 
 
 def read_fixture(name: str) -> np.ndarray:
