@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 
@@ -18,7 +17,6 @@ from voicemesh.llm.providers.base import (
     ToolCallRequest,
     ToolSpec,
 )
-from voicemesh.llm.providers import llamacpp
 from voicemesh.llm.providers.llamacpp import LlamaCppLlmProvider
 from voicemesh.llm.providers.toolcalls import ToolCallStreamParser, openai_messages
 
@@ -227,57 +225,6 @@ async def test_a_request_waiting_for_the_slot_says_so_and_one_closed_there_gives
     finally:
         for stream in streams:
             await stream.aclose()
-
-
-async def until(condition, what: str) -> None:
-    """Poll `condition()` (a state of the provider) until it holds; past DEADLINE_S, fail saying what."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {DEADLINE_S} s")
-        await asyncio.sleep(0.005)
-
-
-async def test_requests_behind_a_generation_that_makes_no_progress_stop_saying_queued(monkeypatch):
-    """No model: the one slot is held by a "generation" that has produced nothing for longer than
-    HOLDER_STALL_S. A request behind it says Queued once, as its wait begins, then nothing, so the
-    caller's watchdog can give it up; when the holder makes progress again, the heartbeats resume."""
-    monkeypatch.setattr(llamacpp, "QUEUED_EVERY_S", 0.01)
-    provider = LlamaCppLlmProvider()
-    await provider._slots.acquire()
-    provider._progress_at = time.monotonic() - llamacpp.HOLDER_STALL_S - 1
-    seen: list[Queued] = []
-
-    async def wait() -> None:
-        async with contextlib.aclosing(provider._take_slot()) as waits:
-            async for waiting in waits:
-                seen.append(waiting)
-
-    task = asyncio.create_task(wait())
-    try:
-        await until(lambda: provider.wait_rounds >= 5, "five heartbeat rounds")
-        assert [w.ahead for w in seen] == [0], seen  # the first, then silence
-        provider._progress_at = time.monotonic() + DEADLINE_S  # the holder is making progress
-        await until(lambda: len(seen) >= 2, "a heartbeat once the holder progressed")
-        provider._slots.release()  # the holder is done: the waiter takes the slot
-        await asyncio.wait_for(task, DEADLINE_S)
-        assert provider._slots.locked() and not provider._waiting
-    finally:
-        task.cancel()
-
-
-async def test_a_waiter_given_the_slot_as_it_gives_up_hands_the_slot_back():
-    """No model: the slot is freed, the waiter's acquire completes, and the waiter is closed before
-    it has resumed: the slot goes back instead of being held by nobody."""
-    provider = LlamaCppLlmProvider()
-    await provider._slots.acquire()
-    waits = provider._take_slot()
-    assert isinstance(await anext(waits), Queued)
-    provider._slots.release()
-    await until(lambda: not provider._waiting, "the waiter's acquire done")  # it leaves the queue as it acquires
-    await waits.aclose()
-    assert not provider._slots.locked()  # handed back: the next request takes it at once
-    assert [event async for event in provider._take_slot()] == []
 
 
 @pytest.mark.models

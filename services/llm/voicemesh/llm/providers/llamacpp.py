@@ -170,6 +170,14 @@ class LlamaCppLlmProvider(LlmProvider):
             await asyncio.get_running_loop().run_in_executor(self._executor, holder.clear)
         self._executor.shutdown(wait=False)
 
+    async def probe(self) -> str | None:
+        """Not serving while a running generation has produced nothing for HOLDER_STALL_S: a hung
+        llama.cpp call never frees its slot, so the replica should get no more traffic."""
+        stalled = time.monotonic() - self._progress_at
+        if self._running and stalled > HOLDER_STALL_S:
+            return f"a generation has produced nothing for {stalled:.0f} s (llama.cpp may be hung)"
+        return None
+
     def _new_call_id(self) -> str:
         return f"call_{next(self._call_ids)}"
 
