@@ -17,7 +17,6 @@ import soxr
 
 from voicemesh.stt.providers.base import SttEndOfUtterance, SttStreamConfig, SttTranscript
 from voicemesh.stt.providers.whisper import WhisperSttProvider
-from voicemesh.stt.providers.whisper_window import window_samples
 
 pytestmark = pytest.mark.models
 
@@ -334,13 +333,6 @@ def test_decode_settings_are_reported_and_bad_ones_refused(provider, monkeypatch
     monkeypatch.setenv("VOICEMESH_STT_WINDOW", "10s")
     with pytest.raises(ValueError, match="VOICEMESH_STT_WINDOW: '10s' is not one of fit, full"):
         WhisperSttProvider()
-
-
-def test_a_decode_encodes_the_audio_and_some_silence_not_a_30_s_window():
-    assert window_samples(16_000 * 2, "fit") == 16_000 * 4  # 2 s + WINDOW_PAD_S, whole seconds
-    assert window_samples(16_000 * 2 + 1, "fit") == 16_000 * 5
-    assert window_samples(16_000 * 29, "fit") == 16_000 * 30  # never past Whisper's window
-    assert window_samples(16_000 * 2, "full") == 16_000 * 30
 
 
 def test_the_30_s_window_decodes_the_same_words(provider):

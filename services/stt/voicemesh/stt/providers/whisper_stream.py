@@ -29,7 +29,7 @@ WINDOW_S = 30  # Whisper's input window: how much audio a stream keeps
 MAX_DECODE_MS = 29_900  # one decode takes at most Whisper's 30 s window (whisper_window.py)
 PREROLL_MS = 250  # VAD reports speech starts ~100-250 ms late; keep the onset of the first word
 # Audio time between interim decodes. One decode of a few seconds takes ~0.1 s on 2 cores (its
-# window cut to the audio; ~0.6 s on a 30 s one), so 0.7 s keeps many streams' captions current.
+# window cut to the audio; ~0.7 s on a 30 s one), so 0.7 s keeps many streams' captions current.
 INTERIM_EVERY_MS = 700
 # Pause decodes: when the user pauses (PAUSE_MS of quiet audio), decode at once, so that if
 # the pause turns out to be the end of the utterance, finalize() can answer with that decode

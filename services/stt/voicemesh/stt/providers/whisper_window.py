@@ -12,12 +12,14 @@ The decode itself is what faster-whisper's batched pipeline did on one clip: gre
 search without timestamp tokens, the language fixed, its non-speech tokens suppressed, and
 word times from the cross-attention alignment (without faster-whisper's clamping of overlong
 first and last words). The output is capped by the audio's length, so a degenerate loop on
-noise cannot run to the model's 448 tokens; a decode that reaches the cap (a dense script) is
+noise cannot run to the model's 448 tokens; a decode that reaches the cap without repeating
+itself (a dense script: zlib compression ratio under 2.4, faster-whisper's rule for a loop) is
 run again with the model's whole budget.
 """
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ TOKENS_MARGIN = 16
 PREPEND_PUNCTUATION = "\"'“¿([{-"
 APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 WINDOWS = ("fit", "full")
+COMPRESSION_RATIO_LOOP = 2.4
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ def window_samples(audio_samples: int, window: str) -> int:
         return FULL_WINDOW_S * RATE_HZ
     seconds = math.ceil((audio_samples + WINDOW_PAD_S * RATE_HZ) / RATE_HZ)
     return min(FULL_WINDOW_S, max(1, seconds)) * RATE_HZ
+
+
+def _repetitive(text: str) -> bool:
+    """faster-whisper's test for a decoding loop: the text compresses more than 2.4x."""
+    raw = text.encode("utf-8")
+    return bool(raw) and len(raw) / len(zlib.compress(raw)) > COMPRESSION_RATIO_LOOP
 
 
 class WindowedWhisper:
@@ -100,8 +109,8 @@ class WindowedWhisper:
                 suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
             )[0]
             generated = result.sequences_ids[0]
-            if len(generated) < max_new:
-                break
+            if len(generated) < max_new or _repetitive(tokenizer.decode(generated)):
+                break  # complete, or a loop that more tokens would only prolong
         tokens = [t for t in generated if t < tokenizer.eot]
         avg_logprob = result.scores[0] * len(generated) / (len(generated) + 1)  # length-normalised -> mean
         timed: tuple[tuple[str, float, float, float], ...] = ()
