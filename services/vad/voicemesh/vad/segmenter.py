@@ -24,8 +24,8 @@ speaking; speech that resumes continues the same segment (no new STARTED), and s
 reaches max_silence_secs since the speech end returns STOPPED with `silence_fallback`. While
 held, every further `smart_turn_recheck_secs` of silence proposes the stop again (Smart Turn
 hears the trailing silence: of 36 complete requests in 6 voices it doubted 8 at 0.2 s of
-silence, 2 at 0.6 s and none at 1.0 s; docs/performance.md), so a doubted end of turn costs
-about a second, not the whole max_silence_secs.
+silence, 2 at 0.6 s and none at 1.0 s; docs/conversation.md, bench/smart_turn_tails.py), so a
+doubted end of turn costs one to two seconds, not the whole max_silence_secs.
 """
 from __future__ import annotations
 
