@@ -31,9 +31,12 @@ def write_markdown(results: dict, path: Path) -> None:
     lines += [f"Machine: {m['cores']} cores, {m['cpu_model']}, Python {m['python']}; load average "
               f"{m.get('load_average_at_start')} at start, {m.get('load_average_at_end')} at end; "
               f"{results.get('wall_seconds')} s in all.", ""]
-    if results.get("stages_measured"):  # an --update run: the other stages are an earlier run's
-        lines += ["Stages measured in this run: " + ", ".join(f"{k} ({v})" for k, v in results["stages_measured"].items())
-                  + "; the others are kept from an earlier run.", ""]
+    if results.get("stages_measured"):  # --update runs: each stage was measured when and where it says
+        machines = results.get("stages_machine", {})
+        dates = {**{k: v.get("measured", "an earlier run") for k, v in machines.items()}, **results["stages_measured"]}
+        lines += ["When and where each stage was measured: " + ", ".join(
+            f"{stage} ({when}{', ' + machines[stage]['cpu_model'] if stage in machines else ''})"
+            for stage, when in dates.items()) + ".", ""]
     lines += ["| measure | target | measured | |", "|---|---|---|---|"]
     for row in results.get("targets", []):
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row["pass"]]

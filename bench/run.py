@@ -367,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = args.out / "latest.json"
     if args.update and previous.exists():  # keep the stages not run now, with the date each was measured
         kept = json.loads(previous.read_text())
+        # Each stage keeps the machine it ran on: this run's for the stages run now (set below).
         results = {**kept, "config": results["config"], "stages_measured": kept.get("stages_measured", {}),
-                   "machine": {**results["machine"], "earlier_stages_machine": {
-                       k: v for k, v in kept.get("machine", {}).items() if k != "earlier_stages_machine"}}}
+                   "stages_machine": kept.get("stages_machine", {}), "machine": results["machine"]}
     for name, stage in (("overhead", lambda: stage_overhead(args, lat, results)),
                         ("capacity", lambda: stage_capacity(args, lat, results)),
                         ("vad", lambda: stage_vad(args, results)), ("embedded", lambda: stage_embedded(args, results)),
@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"== {name} ({time.monotonic() - started:.0f} s so far)")
         stage()
         results.setdefault("stages_measured", {})[name] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        results.setdefault("stages_machine", {})[name] = {k: v for k, v in results["machine"].items()
+                                                          if k != "load_average_at_end"}
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["wall_seconds"] = round(time.monotonic() - started)  # of this run (with --update: the stages run now)
     results["targets"] = [{"measure": m, "target": t, "value": v, "pass": p} for m, t, v, p in targets(results)]
