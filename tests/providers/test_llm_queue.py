@@ -14,13 +14,50 @@ from voicemesh.llm.providers.llamacpp import LlamaCppLlmProvider
 DEADLINE_S = 120  # for a state the provider must reach (at once when idle); never a speed claim
 
 
-async def until(condition, what: str) -> None:
-    """Poll `condition()` (a state of the provider) until it holds; past DEADLINE_S, fail saying what."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {DEADLINE_S} s")
-        await asyncio.sleep(0.005)
+class CountingClock:
+    """Stands in for the provider module's `time`: real readings, counted, so a test can wait until
+    the waiting request has looked at the clock n times (each heartbeat round looks once)."""
+
+    def __init__(self) -> None:
+        self.readings = 0
+        self._wanted: list[tuple[int, asyncio.Event]] = []
+
+    def monotonic(self) -> float:
+        self.readings += 1
+        for count, event in self._wanted:
+            if self.readings >= count:
+                event.set()
+        return time.monotonic()
+
+    async def readings_reach(self, count: int, what: str) -> None:
+        event = asyncio.Event()
+        self._wanted.append((count, event))
+        if self.readings >= count:
+            event.set()
+        try:
+            await asyncio.wait_for(event.wait(), DEADLINE_S)
+        except TimeoutError:
+            raise AssertionError(f"not {what} after {DEADLINE_S} s: {self.readings} clock readings") from None
+
+
+class WatchedSlots(asyncio.Semaphore):
+    """The provider's slots, with an event set each time an acquire completes."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.acquired = asyncio.Event()
+
+    async def acquire(self) -> bool:
+        await super().acquire()
+        self.acquired.set()
+        return True
+
+
+async def until_set(event: asyncio.Event, what: str) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), DEADLINE_S)
+    except TimeoutError:
+        raise AssertionError(f"not {what} after {DEADLINE_S} s") from None
 
 
 async def test_requests_behind_a_generation_that_makes_no_progress_stop_saying_queued(monkeypatch):
@@ -28,22 +65,29 @@ async def test_requests_behind_a_generation_that_makes_no_progress_stop_saying_q
     HOLDER_STALL_S. A request behind it says Queued once, as its wait begins, then nothing, so the
     caller's watchdog can give it up; when the holder makes progress again, the heartbeats resume."""
     monkeypatch.setattr(llamacpp, "QUEUED_EVERY_S", 0.01)
+    clock = CountingClock()
+    monkeypatch.setattr(llamacpp, "time", clock)
     provider = LlamaCppLlmProvider()
     await provider._slots.acquire()
     provider._progress_at = time.monotonic() - llamacpp.HOLDER_STALL_S - 1
     seen: list[Queued] = []
+    another = asyncio.Event()  # set at each Queued after the first
 
     async def wait() -> None:
         async with contextlib.aclosing(provider._take_slot()) as waits:
             async for waiting in waits:
                 seen.append(waiting)
+                if len(seen) > 1:
+                    another.set()
 
+    start = clock.readings
     task = asyncio.create_task(wait())
     try:
-        await until(lambda: provider.wait_rounds >= 5, "five heartbeat rounds")
+        # Two readings as the wait begins (its start, the first Queued's time), then one a round.
+        await clock.readings_reach(start + 2 + 5, "five heartbeat rounds")
         assert [w.ahead for w in seen] == [0], seen  # the first, then silence
         provider._progress_at = time.monotonic() + DEADLINE_S  # the holder is making progress
-        await until(lambda: len(seen) >= 2, "a heartbeat once the holder progressed")
+        await until_set(another, "a heartbeat once the holder progressed")
         provider._slots.release()  # the holder is done: the waiter takes the slot
         await asyncio.wait_for(task, DEADLINE_S)
         assert provider._slots.locked() and not provider._waiting
@@ -75,11 +119,13 @@ async def test_a_waiter_given_the_slot_as_it_gives_up_hands_the_slot_back():
     """No model: the slot is freed, the waiter's acquire completes, and the waiter is closed before
     it has resumed: the slot goes back instead of being held by nobody."""
     provider = LlamaCppLlmProvider()
-    await provider._slots.acquire()
+    provider._slots = slots = WatchedSlots()
+    await slots.acquire()
+    slots.acquired.clear()
     waits = provider._take_slot()
     assert isinstance(await anext(waits), Queued)
     provider._slots.release()
-    await until(lambda: not provider._waiting, "the waiter's acquire done")  # it leaves the queue as it acquires
+    await until_set(slots.acquired, "the waiter's acquire done")  # the waiter has not resumed yet
     await waits.aclose()
     assert not provider._slots.locked()  # handed back: the next request takes it at once
     assert [event async for event in provider._take_slot()] == []

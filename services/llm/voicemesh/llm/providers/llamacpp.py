@@ -94,7 +94,6 @@ class LlamaCppLlmProvider(LlmProvider):
         self._slots = asyncio.Semaphore(self.parallel)
         self._waiting: list[object] = []  # requests waiting for a slot, oldest first
         self._progress_at = time.monotonic()  # a running generation's last chunk (set on its thread)
-        self.wait_rounds = 0  # heartbeat rounds of waiting requests so far (tests watch the wait by it)
         self._running: dict[asyncio.Future[None], threading.Event] = {}  # generation threads
         self._call_ids = itertools.count(1)
 
@@ -259,7 +258,6 @@ class LlamaCppLlmProvider(LlmProvider):
                 if done:
                     acquiring.result()
                     return
-                self.wait_rounds += 1
                 heartbeat = time.monotonic() - self._progress_at < HOLDER_STALL_S
         except BaseException:
             if acquiring.done() and not acquiring.cancelled() and acquiring.exception() is None:
