@@ -35,7 +35,7 @@ from voicemesh.stt.providers.base import SttProvider, SttStream, SttStreamConfig
 from voicemesh.stt.providers.decode_queue import DecodeJob, DecodeQueue
 from voicemesh.stt.providers.whisper_stream import (
     INTERIM_EVERY_MS, LOG_PROB_FLOOR, NO_SPEECH_PROB, QUIET_FLOOR_RMS, QUIET_FRAME_MS, WHISPER_RATE_HZ,
-    WhisperSttStream, _Decoded,
+    WhisperSttStream, _Decoded, frame_rms,
 )
 from voicemesh.stt.providers.whisper_window import WINDOWS, WindowedWhisper
 
@@ -56,10 +56,7 @@ def _flag(name: str, default: str) -> bool:
 
 def _loudest_frame_rms(audio: np.ndarray) -> float:
     """RMS of the loudest QUIET_FRAME_MS frame of float audio (full scale 1.0)."""
-    frame = min(len(audio), WHISPER_RATE_HZ * QUIET_FRAME_MS // 1000)
-    count = len(audio) // frame
-    frames = audio[: count * frame].reshape(count, frame)
-    return float(np.sqrt(np.einsum("ij,ij->i", frames, frames) / frame).max())
+    return float(frame_rms(audio, min(len(audio), WHISPER_RATE_HZ * QUIET_FRAME_MS // 1000)).max())
 
 
 def interim_model_dir(choice: str) -> Path | None:

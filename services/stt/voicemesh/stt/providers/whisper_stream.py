@@ -63,6 +63,13 @@ class _Decoded:
     words: tuple[Word, ...]  # times in stream ms
 
 
+def frame_rms(samples: np.ndarray, frame: int) -> np.ndarray:
+    """RMS of each whole `frame`-sample frame, in the samples' own units (a partial tail is left out)."""
+    count = len(samples) // frame
+    frames = samples[: count * frame].reshape(count, frame).astype(np.float32)
+    return np.sqrt(np.einsum("ij,ij->i", frames, frames) / frame)
+
+
 def _word_keys(text: str) -> list[str]:
     """Words normalised for comparing interims ("cap?" vs "capital")."""
     return [w.strip(".,!?;:\"'").lower() for w in text.split()]
@@ -155,8 +162,7 @@ class WhisperSttStream(SttStream):
         count = len(samples) // frame
         if not count:
             return
-        frames = samples[: count * frame].reshape(count, frame).astype(np.float32)
-        rms = np.sqrt(np.einsum("ij,ij->i", frames, frames) / frame)
+        rms = frame_rms(samples, frame)
         # The threshold grows with the loudest frame so far, this chunk's frames included in order.
         peaks = np.maximum.accumulate(np.maximum(rms, self._peak_rms))
         quiet = rms < np.maximum(QUIET_FLOOR_RMS, QUIET_RATIO * peaks)
