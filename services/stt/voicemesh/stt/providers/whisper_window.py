@@ -70,25 +70,28 @@ class WindowedWhisper:
         if window not in WINDOWS:
             raise ValueError(f"VOICEMESH_STT_WINDOW: {window!r} is not one of {', '.join(WINDOWS)}")
         self.model, self.window = model, window
-        self._tokenizers: dict[str, Any] = {}
+        self._tokenizers: dict[str, tuple[Any, tuple[int, ...]]] = {}
 
     @property
     def is_multilingual(self) -> bool:
         return bool(self.model.model.is_multilingual)
 
-    def _tokenizer(self, language: str) -> Any:
+    def _tokenizer(self, language: str) -> tuple[Any, tuple[int, ...]]:
+        """The language's tokenizer and the tokens a decode suppresses, made once per language."""
         from faster_whisper.tokenizer import Tokenizer
+
+        from faster_whisper.transcribe import get_suppressed_tokens
 
         language = language if self.is_multilingual else "en"
         if language not in self._tokenizers:
-            self._tokenizers[language] = Tokenizer(self.model.hf_tokenizer, self.is_multilingual,
-                                                   task="transcribe", language=language)
+            tokenizer = Tokenizer(self.model.hf_tokenizer, self.is_multilingual, task="transcribe", language=language)
+            self._tokenizers[language] = (tokenizer, get_suppressed_tokens(tokenizer, [-1]))
         return self._tokenizers[language]
 
     def decode(self, audio: np.ndarray, language: str, beam_size: int, words: bool) -> WindowResult:
         """float32 16 kHz mono audio, under 30 s -> one segment's text, scores and word times."""
         from faster_whisper.audio import pad_or_trim
-        from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
+        from faster_whisper.transcribe import merge_punctuations
 
         audio = audio[: FULL_WINDOW_S * RATE_HZ]  # the stream never sends more (MAX_DECODE_MS)
         if self.window == "full":  # as faster-whisper's pipeline: the clip's features, zero-padded
@@ -98,7 +101,7 @@ class WindowedWhisper:
             padded[: len(audio)] = audio
             features = self.model.feature_extractor(padded)[..., :-1]  # (mels, frames); the last is the pad's edge
         encoded = self.model.encode(features)
-        tokenizer = self._tokenizer(language)
+        tokenizer, suppressed = self._tokenizer(language)
         prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
         budget = self.model.max_length // 2
         capped = min(budget, TOKENS_MARGIN + math.ceil(TOKENS_PER_S * len(audio) / RATE_HZ))
@@ -106,7 +109,7 @@ class WindowedWhisper:
             result = self.model.model.generate(
                 encoded, [prompt], beam_size=beam_size, max_length=len(prompt) + max_new,
                 return_scores=True, return_no_speech_prob=True, suppress_blank=True,
-                suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+                suppress_tokens=suppressed,
             )[0]
             generated = result.sequences_ids[0]
             if len(generated) < max_new or _repetitive(tokenizer.decode(generated)):
