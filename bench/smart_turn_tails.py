@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bench.v2v_corpus import build_corpus, espeak_available
-from voicemesh.client.wavio import SEND_RATE_HZ, load_for_sending, speech_segments
+from bench.v2v_corpus import build_corpus, espeak_available, espeak_clips
+from voicemesh.client.wavio import SEND_RATE_HZ
 from voicemesh.vad.smart_turn import SmartTurnModel, find_model
 
 TAILS_S = (0.2, 0.4, 0.6, 1.0, 1.5)
 THRESHOLD = 0.5  # SegmenterParams.smart_turn_threshold's default
-LEAD_S = 0.5
 REQUESTS = ("Could you set a timer for twelve minutes, please?",
             "Tell me a short story about a dragon who loves to bake bread.",
             "What's the weather like in Edinburgh tomorrow morning?",
@@ -34,22 +31,12 @@ VOICES = ("en-us", "en-gb", "en-029", "en-gb-x-rp", "en-us+f3")
 
 
 def requests() -> list[tuple[str, str, np.ndarray]]:
-    """(voice, text, int16 speech ending at its last speech sample)."""
-    out = [(voice, clip.text, clip.samples[: clip.speech_end]) for voice, clips in build_corpus()[0].items()
-           for clip in clips]
-    if not espeak_available():
-        return out
-    with tempfile.TemporaryDirectory() as tmp:
-        for voice in VOICES:
-            for number, text in enumerate(REQUESTS):
-                wav = Path(tmp) / f"{number}.wav"
-                subprocess.run(["espeak-ng", "-v", voice, "-w", str(wav), text], check=True, capture_output=True,
-                               timeout=30)
-                audio = load_for_sending(wav)
-                segments = speech_segments(audio, SEND_RATE_HZ)
-                start = max(0, segments[0].start - int(LEAD_S * SEND_RATE_HZ))
-                out.append((f"espeak-{voice}", text, audio[start: segments[-1].end]))
-    return out
+    """(voice, text, int16 speech after v2v_corpus.LEAD_S of silence, ending at its last speech sample)."""
+    clips = [(voice, clip) for voice, clips in build_corpus()[0].items() for clip in clips]
+    if espeak_available():
+        clips += [(f"espeak-{voice}", clip) for voice in VOICES
+                  for clip in espeak_clips(voice, tuple((text, "") for text in REQUESTS))]
+    return [(voice, clip.text, clip.samples[: clip.speech_end]) for voice, clip in clips]
 
 
 def main() -> None:

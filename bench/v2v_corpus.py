@@ -66,10 +66,11 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def espeak_clips(voice: str) -> list[Clip]:
+def espeak_clips(voice: str, questions: tuple[tuple[str, str], ...] = QUESTIONS) -> list[Clip]:
+    """`questions`: (what is said, the word a right answer contains) pairs."""
     clips = []
     with tempfile.TemporaryDirectory() as tmp:
-        for number, (text, expected) in enumerate(QUESTIONS):
+        for number, (text, expected) in enumerate(questions):
             wav = Path(tmp) / f"{number}.wav"
             subprocess.run(["espeak-ng", "-v", voice, "-w", str(wav), text], check=True, timeout=30,
                            capture_output=True)
