@@ -220,6 +220,7 @@ async def run_stream(names: list[str], rounds: int, slowdown: float = 1.0) -> di
 
 async def run_decode(names: list[str], rounds: int, voices: bool = False) -> dict:
     providers = await load_arms(names)
+    warm_up = {name: providers[name]._pipeline.fallbacks for name in names}  # the load's warm-up decode
     times: dict[str, list[float]] = {name: [] for name in names}
     errors = {name: 0 for name in names}
     texts: dict[str, list[str]] = {name: [] for name in names}
@@ -235,10 +236,12 @@ async def run_decode(names: list[str], rounds: int, voices: bool = False) -> dic
                 if round_index == 0:
                     errors[name] += word_errors(turn["text"], decoded.text)
                     texts[name].append(decoded.text)
+    fallbacks = {name: providers[name]._pipeline.fallbacks - warm_up[name] for name in names}
     for provider in providers.values():
         await provider.close()
     words = sum(len(turn["text"].split()) for turn in load_turns(voices))
     return {name: {"decode_ms": spread(times[name]), "word_errors_one_round": errors[name], "words_one_round": words,
+                   "decoded_again_on_30_s": fallbacks[name], "decodes": len(times[name]),
                    "texts": texts[name]} for name in names}
 
 

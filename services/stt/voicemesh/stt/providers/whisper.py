@@ -7,8 +7,9 @@ already covers it).
 
 Each decode runs on an encoder window cut to the utterance (whisper_window.py) rather than
 faster-whisper's fixed 30 s one: one decode of a 2-3 s question takes ~0.1 s instead of ~0.6 s
-on 2 cores. It is one greedy pass without timestamp tokens, words aligned from the
-cross-attention; Whisper's no-speech rule is applied here.
+on 2 cores; one that loops there is decoded again on the 30 s window. It is one greedy pass
+without timestamp tokens, words aligned from the cross-attention; Whisper's no-speech rule is
+applied here.
 
 An optional second, smaller model (`interim_model`, e.g. tiny.en) can take the periodic
 interim decodes: captions cost less CPU and hold the worker for less time, so the pause

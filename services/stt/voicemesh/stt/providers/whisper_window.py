@@ -12,9 +12,14 @@ The decode itself is what faster-whisper's batched pipeline did on one clip: gre
 search without timestamp tokens, the language fixed, its non-speech tokens suppressed, and
 word times from the cross-attention alignment (without faster-whisper's clamping of overlong
 first and last words). The output is capped by the audio's length, so a degenerate loop on
-noise cannot run to the model's 448 tokens; a decode that reaches the cap without repeating
-itself (a dense script: zlib compression ratio under 2.4, faster-whisper's rule for a loop) is
-run again with the model's whole budget.
+noise cannot run to the model's 448 tokens.
+
+On a short window the decoder sometimes loops: it reads a clip it has transcribed once more
+from the start ("Add buy milk to my tasks. Add buy milk to my tasks. Add ..."), which on 30 s it
+does not. So a "fit" decode that repeats a run of tokens back to back, or that reaches the
+cap, is decoded again on faster-whisper's 30 s window: that turn pays a full decode (~0.6 s),
+the transcript is the 30 s window's. On the 30 s window a decode that reaches the cap without
+repeating itself (a dense script) runs again with the model's whole budget.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ PREPEND_PUNCTUATION = "\"'“¿([{-"
 APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 WINDOWS = ("fit", "full")
 COMPRESSION_RATIO_LOOP = 2.4
+# A loop: this many tokens or more (about three words) said twice back to back; speech repeats
+# a word or two ("no, no"), the decoder's loops repeat whole phrases.
+LOOP_MIN_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,23 @@ def _repetitive(text: str) -> bool:
     return bool(raw) and len(raw) / len(zlib.compress(raw)) > COMPRESSION_RATIO_LOOP
 
 
+def repeats_itself(tokens: list[int]) -> bool:
+    """Whether some run of LOOP_MIN_TOKENS or more tokens comes twice in a row (a decoding loop;
+    zlib's ratio misses one on a short text: two and a half copies of a sentence compress 2x)."""
+    count = len(tokens)
+    return any(tokens[start:start + span] == tokens[start + span:start + 2 * span]
+               for span in range(LOOP_MIN_TOKENS, count // 2 + 1)
+               for start in range(count - 2 * span + 1))
+
+
+@dataclass(frozen=True)
+class _Generated:
+    tokens: list[int]  # without the end-of-text token
+    avg_logprob: float
+    no_speech_prob: float
+    suspect: bool  # reached the cap, or repeats itself: a "fit" decode goes again on 30 s
+
+
 class WindowedWhisper:
     """Decodes with one faster_whisper.WhisperModel (its feature extractor, CTranslate2 model
     and tokenizer). Not thread-safe: the provider runs every decode on one thread."""
@@ -70,6 +95,7 @@ class WindowedWhisper:
         if window not in WINDOWS:
             raise ValueError(f"VOICEMESH_STT_WINDOW: {window!r} is not one of {', '.join(WINDOWS)}")
         self.model, self.window = model, window
+        self.fallbacks = 0  # "fit" decodes that went again on the 30 s window (a loop or the cap)
         self._tokenizers: dict[str, tuple[Any, tuple[int, ...]]] = {}
 
     @property
@@ -94,28 +120,22 @@ class WindowedWhisper:
         from faster_whisper.transcribe import merge_punctuations
 
         audio = audio[: FULL_WINDOW_S * RATE_HZ]  # the stream never sends more (MAX_DECODE_MS)
-        if self.window == "full":  # as faster-whisper's pipeline: the clip's features, zero-padded
-            features = pad_or_trim(self.model.feature_extractor(audio)[..., :-1])
-        else:
+        tokenizer, suppressed = self._tokenizer(language)
+        generated = None
+        if self.window == "fit":
             padded = np.zeros(window_samples(len(audio), self.window), np.float32)
             padded[: len(audio)] = audio
             features = self.model.feature_extractor(padded)[..., :-1]  # (mels, frames); the last is the pad's edge
-        encoded = self.model.encode(features)
-        tokenizer, suppressed = self._tokenizer(language)
-        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
-        budget = self.model.max_length // 2
-        capped = min(budget, TOKENS_MARGIN + math.ceil(TOKENS_PER_S * len(audio) / RATE_HZ))
-        for max_new in dict.fromkeys((capped, budget)):  # the whole budget only if the cap was reached
-            result = self.model.model.generate(
-                encoded, [prompt], beam_size=beam_size, max_length=len(prompt) + max_new,
-                return_scores=True, return_no_speech_prob=True, suppress_blank=True,
-                suppress_tokens=suppressed,
-            )[0]
-            generated = result.sequences_ids[0]
-            if len(generated) < max_new or _repetitive(tokenizer.decode(generated)):
-                break  # complete, or a loop that more tokens would only prolong
-        tokens = [t for t in generated if t < tokenizer.eot]
-        avg_logprob = result.scores[0] * len(generated) / (len(generated) + 1)  # length-normalised -> mean
+            encoded = self.model.encode(features)
+            generated = self._generate(encoded, tokenizer, suppressed, len(audio), beam_size, retry=False)
+            if generated.suspect:
+                self.fallbacks += 1
+                generated = None
+        if generated is None:  # as faster-whisper's pipeline: the clip's features, zero-padded to 30 s
+            features = pad_or_trim(self.model.feature_extractor(audio)[..., :-1])
+            encoded = self.model.encode(features)
+            generated = self._generate(encoded, tokenizer, suppressed, len(audio), beam_size, retry=True)
+        tokens = generated.tokens
         timed: tuple[tuple[str, float, float, float], ...] = ()
         if words and tokens:
             frames = min(features.shape[-1], max(2, math.ceil(len(audio) / HOP)))  # the audio's, not the padding's
@@ -123,4 +143,35 @@ class WindowedWhisper:
             merge_punctuations(alignment, PREPEND_PUNCTUATION, APPEND_PUNCTUATION)
             timed = tuple((w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
                           for w in alignment if w["word"])
-        return WindowResult(tokenizer.decode(tokens).strip(), float(avg_logprob), float(result.no_speech_prob), timed)
+        return WindowResult(tokenizer.decode(tokens).strip(), generated.avg_logprob, generated.no_speech_prob, timed)
+
+    def fit_text(self, audio: np.ndarray, language: str) -> str:
+        """What the short window alone reads (greedy, the output capped), loop or not: for tests
+        and measurements of how often decode() goes again on 30 s."""
+        padded = np.zeros(window_samples(len(audio), "fit"), np.float32)
+        padded[: len(audio)] = audio
+        tokenizer, suppressed = self._tokenizer(language)
+        encoded = self.model.encode(self.model.feature_extractor(padded)[..., :-1])
+        return tokenizer.decode(self._generate(encoded, tokenizer, suppressed, len(audio), 1, retry=False).tokens).strip()
+
+    def _generate(self, encoded: Any, tokenizer: Any, suppressed: tuple[int, ...], audio_samples: int,
+                  beam_size: int, retry: bool) -> _Generated:
+        """One search on an encoded window, its output capped by the audio's length; `retry`: run
+        again with the whole budget when the cap was reached without a loop."""
+        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        budget = self.model.max_length // 2
+        capped = min(budget, TOKENS_MARGIN + math.ceil(TOKENS_PER_S * audio_samples / RATE_HZ))
+        for max_new in dict.fromkeys((capped, budget) if retry else (capped,)):
+            result = self.model.model.generate(
+                encoded, [prompt], beam_size=beam_size, max_length=len(prompt) + max_new,
+                return_scores=True, return_no_speech_prob=True, suppress_blank=True,
+                suppress_tokens=suppressed,
+            )[0]
+            generated = result.sequences_ids[0]
+            tokens = [t for t in generated if t < tokenizer.eot]
+            loops = repeats_itself(tokens) or _repetitive(tokenizer.decode(tokens))
+            if len(generated) < max_new or loops:
+                break  # complete, or a loop that more tokens would only prolong
+        avg_logprob = result.scores[0] * len(generated) / (len(generated) + 1)  # length-normalised -> mean
+        return _Generated(tokens, float(avg_logprob), float(result.no_speech_prob),
+                          suspect=loops or len(generated) >= max_new)
