@@ -106,18 +106,23 @@ def embedded_mesh(tmp_path_factory):
         procs.stop_all()
 
 
-def patient(config) -> None:
-    config.turn.final_transcript_give_up_secs = STALL_S
+def patient_and_seeded(seed: int):
+    """A patient session whose replies are sampled with a fixed seed: a run can be repeated
+    exactly (the model samples at temperature 0.2), and the runs of one request still differ."""
+    def configure(config) -> None:
+        config.turn.final_transcript_give_up_secs = STALL_S
+        config.llm_params.seed = seed
+    return configure
 
 
-async def one_run(address: str, samples: np.ndarray, data) -> dict:
+async def one_run(address: str, samples: np.ndarray, data, seed: int) -> dict:
     clock = ManualClock(NOW)
     ctx = make_context(data, PARIS, clock)
     tools = all_tools(ctx)
     runner = ToolRunner(tools)  # something on tomorrow's calendar, for the calendar request to find
     await runner.run(*runner.resolve("calendar_add_event", json.dumps({"title": "dentist", "start": "2026-12-02T10:00"})))
     session = AssistantSession(tools, clock, system_prompt=system_prompt(tools, clock.now()), reminders=reminder_store(ctx),
-                               configure=patient)
+                               configure=patient_and_seeded(seed))
     async with session.connect(address) as live:
         if live is not None:
             await session.stream_audio(samples, wait_after=REPLY_WAIT_S)
@@ -130,7 +135,7 @@ async def test_a_spoken_request_is_heard_and_answered(embedded_mesh, tmp_path, n
     samples = await speech(embedded_mesh.address("tts"), text)
     runs = []
     for number in range(RUNS):
-        result = await one_run(embedded_mesh.orchestrator_address, samples, tmp_path / f"run{number}")
+        result = await one_run(embedded_mesh.orchestrator_address, samples, tmp_path / f"run{number}", seed=number)
         runs.append({"verdict": verdict(result, tool, arguments_right), **result})
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / f"assistant-spoken-{name}.json").write_text(json.dumps({"request": text, "runs": runs}, indent=1))

@@ -22,7 +22,7 @@ from voicemesh.orchestrator.clients import ServiceClients
 from voicemesh.orchestrator.context import ConversationContext
 from voicemesh.orchestrator.forwarding import CallerAudio
 from voicemesh.orchestrator.playout import HeldPlayout, Playout
-from voicemesh.orchestrator.reply import BotReply, ReplyCalls, ReplyEnv, call_metadata
+from voicemesh.orchestrator.reply import BotReply, EmptyReply, ReplyCalls, ReplyEnv, call_metadata
 from voicemesh.orchestrator.seams import ServiceStream, TurnObserver
 from voicemesh.orchestrator.tools import ToolBroker
 from voicemesh.orchestrator.tracing import SessionTracing, metrics
@@ -291,6 +291,8 @@ class EffectRunner:
         except Exception as err:  # any failure ends this turn with a reason, never silently
             if isinstance(err, grpc.aio.AioRpcError):
                 code, details = err.code().name, err.details()
+            elif isinstance(err, EmptyReply):
+                code, details = err.code, str(err)
             else:
                 log.exception("session %s: bot reply failed", self.session_id)
                 code, details = "INTERNAL", f"{type(err).__name__}: {err}"

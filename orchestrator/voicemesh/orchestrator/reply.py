@@ -74,6 +74,17 @@ class ReplyEnv:
     context: ConversationContext
 
 
+class EmptyReply(Exception):
+    """The LLM ended its reply without a word or a tool call: the user would hear nothing, so
+    the turn ends as failed, with this as the reason (not as answered)."""
+
+    code = "UNKNOWN"
+
+    def __init__(self) -> None:
+        super().__init__("the LLM ended its reply without a word or a tool call (the model gave nothing to say); "
+                         "the user can say it again, or the prompt can be checked")
+
+
 class BotReply:
     """Writes to `sink`: the Playout, or for a speculative reply the HeldSink in front of it."""
 
@@ -141,6 +152,7 @@ class BotReply:
         segment_id = 0
         first_delta = True
         calls: list[llm_pb2.ToolCall] = []
+        tool_rounds = 0
         async for response in llm_call:
             kind = response.WhichOneof("response")
             if kind == "delta" and first_delta:
@@ -153,7 +165,7 @@ class BotReply:
                 calls.append(response.tool_call)
             elif kind == "awaiting_tool_results":
                 await self._run_tools(llm_call, calls)
-                calls = []
+                calls, tool_rounds = [], tool_rounds + 1
             elif kind == "delta":
                 for sentence in aggregator.push(response.delta.text):
                     segment_id += 1
@@ -169,6 +181,8 @@ class BotReply:
             self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
             self.turn.tts_characters += len(rest)
             await _write(tts_call, _piece(segment_id, rest))
+        if segment_id == 0 and tool_rounds == 0 and not calls:
+            raise EmptyReply()
         await llm_call.done_writing()
         await tts_call.done_writing()
 

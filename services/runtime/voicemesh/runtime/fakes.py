@@ -14,7 +14,7 @@ health, Info, DetectMany and tracing are the real service's. Only the engine is 
   the first, "silent-" empties them all.
 - LLM (`voicemesh.llm.providers.fake`): echoes "You said: <last user message>." (or `reply`
   when set), the first `llm_first_delta_words` words `llm_first_token_ms` after the request,
-  then a word every `llm_token_ms`; "long story" gets 30 sentences, "what did you say" the
+  then a word every `llm_token_ms`; "say nothing" gets an empty reply, "long story" 30 sentences, "what did you say" the
   previous reply, "count messages" the message count, and with tools declared "weather in X
   and Y" calls get_weather once per city, then says "The tools said: <results>.".
 - TTS (`voicemesh.tts.providers.fake`): each sentence becomes a 440 Hz tone, `ms_per_char`
