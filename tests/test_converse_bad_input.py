@@ -58,6 +58,9 @@ CASES = {
     "unknown dtmf digit": (
         [_config(input_format=PCM16_16K), pb.ConverseRequest(dtmf=pb.DtmfInput(digit="x"))],
         grpc.StatusCode.INVALID_ARGUMENT, "dtmf digit"),
+    "first clause words over the limit": (
+        [_config(turn=pb.TurnOptions(first_clause_words=51))],
+        grpc.StatusCode.INVALID_ARGUMENT, "turn.first_clause_words 51 is over 50"),
     "config twice": (
         [_config(input_format=PCM16_16K), _config(input_format=PCM16_16K)],
         grpc.StatusCode.INVALID_ARGUMENT, "may only be sent once"),

@@ -134,3 +134,18 @@ def test_semicolon_is_optional():
 )
 def test_clean_for_speech(markdown, spoken):
     assert clean_for_speech(markdown) == spoken
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_the_first_piece_may_end_at_a_clause_once_it_has_enough_words(step):
+    """first_clause_words: the TTS can start on "Paris, the capital of France," before the
+    sentence is complete; only the first piece is cut so, and only after that many words."""
+    text = "Paris, the capital of France, is known for its art. It has 2,000 cafes, and more."
+    assert split(text, step, first_clause_words=4) == (
+        ["Paris, the capital of France,", "is known for its art."], "It has 2,000 cafes, and more.")
+    assert split(text, step) == (["Paris, the capital of France, is known for its art."], "It has 2,000 cafes, and more.")
+    # A spaced dash and a colon end a clause; a hyphen, a comma inside a number, a short clause do not.
+    assert split("Sure - here is a well-known fact: the sky is blue. Yes.", step, first_clause_words=3) == (
+        ["Sure - here is a well-known fact:", "the sky is blue."], "Yes.")
+    assert split("Yes, 1,000 people came. Then more.", step, first_clause_words=4) == (["Yes, 1,000 people came."], "Then more.")
+    assert split("The capital of France is Paris.", step, first_clause_words=4) == ([], "The capital of France is Paris.")

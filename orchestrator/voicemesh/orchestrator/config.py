@@ -33,6 +33,14 @@ def smart_turn_and_stop_secs(config: pb.SessionConfig) -> tuple[bool, float]:
 
 
 MAX_TOKENS_LIMIT = 4096  # the LLM service's own limit: refused here, before SessionStarted
+# The first piece of a reply may end at a clause end after this many words (TurnOptions.first_clause_words).
+DEFAULT_FIRST_CLAUSE_WORDS = 4
+MAX_FIRST_CLAUSE_WORDS = 50
+
+
+def first_clause_words(config: pb.SessionConfig) -> int:
+    turn = config.turn
+    return turn.first_clause_words if turn.HasField("first_clause_words") else DEFAULT_FIRST_CLAUSE_WORDS
 
 
 def _finite_floats(message, path: str = "") -> list[str]:
@@ -65,6 +73,9 @@ def validate(config: pb.SessionConfig) -> None:
         raise InvalidInput(f"Converse: turn options out of range (smart_turn_threshold 0-1; max_silence_secs "
                            f"0-{MAX_SILENCE_LIMIT_SECS:g}; final_transcript_timeout_secs 0-30; "
                            "final_transcript_give_up_secs 0-300)")
+    if turn.first_clause_words > MAX_FIRST_CLAUSE_WORDS:
+        raise InvalidInput(f"Converse: turn.first_clause_words {turn.first_clause_words} is over "
+                           f"{MAX_FIRST_CLAUSE_WORDS} (0: whole sentences only)")
     if turn.final_transcript_give_up_secs and turn.final_transcript_give_up_secs < turn.final_transcript_timeout_secs:
         raise InvalidInput(f"Converse: turn.final_transcript_give_up_secs ({turn.final_transcript_give_up_secs}) must be at "
                            f"least final_transcript_timeout_secs ({turn.final_transcript_timeout_secs})")

@@ -14,6 +14,7 @@ import grpc
 
 from voicemesh.orchestrator import events
 from voicemesh.orchestrator.clients import ServiceClients
+from voicemesh.orchestrator.config import first_clause_words
 from voicemesh.orchestrator.context import ConversationContext
 from voicemesh.orchestrator.seams import EventSink, HeldSink, ReplySink
 from voicemesh.orchestrator.tools import ToolBroker
@@ -148,7 +149,7 @@ class BotReply:
             tts_call.cancel()
 
     async def _write_sentences(self, llm_call, tts_call) -> None:
-        aggregator = SentenceAggregator()
+        aggregator = SentenceAggregator(first_clause_words=first_clause_words(self.config))
         segment_id = 0
         first_delta = True
         calls: list[llm_pb2.ToolCall] = []

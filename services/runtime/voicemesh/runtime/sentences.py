@@ -22,6 +22,9 @@ _ABBREVIATIONS = frozenset(
 )
 _DOTTED_ACRONYM = re.compile(r"^(?:[A-Za-z]\.)+[A-Za-z]$")  # U.S, e.g, a.m: unsure, keep together
 _HAS_LETTER = re.compile(r"[^\W\d_]")
+# A clause end inside a sentence: a comma, colon or semicolon, or a spaced dash, then whitespace
+# ("1,000" and "well-known" do not match).
+_CLAUSE = re.compile(r"(?:[,;:]|\s[—–-])[\"'”’)\]*_`]*\s+")
 _FENCE = "```"
 _CONSUMED, _WAIT, _TEXT = "consumed", "wait", "text"
 
@@ -34,6 +37,9 @@ class SentenceAggregator:
     default because the first sentence decides time to first audio.
     skip_code_blocks: drop ``` fenced blocks, which should not be read aloud.
     split_on_semicolon: treat ";" as a sentence end.
+    first_clause_words: the first piece of a turn may end at a clause end (comma, colon,
+    semicolon, spaced dash) once it has this many words, so the TTS starts before the first
+    sentence is complete ("Paris, the capital of France," then "is known for ..."). 0: off.
     """
 
     def __init__(
@@ -42,8 +48,10 @@ class SentenceAggregator:
         merge_first: bool = False,
         skip_code_blocks: bool = True,
         split_on_semicolon: bool = False,
+        first_clause_words: int = 0,
     ) -> None:
         self.min_chars = min_chars
+        self.first_clause_words = first_clause_words
         self.merge_first = merge_first
         self.skip_code_blocks = skip_code_blocks
         self._end = _END if split_on_semicolon else _END_NO_SEMICOLON
@@ -69,6 +77,9 @@ class SentenceAggregator:
                 if state == _WAIT:
                     return out
             cut = self._find_boundary()
+            if self.first_clause_words and not self._emitted and not self._held:
+                clause = self._find_clause(cut)
+                cut = clause if clause is not None else cut
             if cut is None:
                 return out
             sentence, self._buf = self._buf[:cut], self._buf[cut:]
@@ -117,6 +128,16 @@ class SentenceAggregator:
             self._in_code = not self._in_code
         self._buf = rest[newline + 1 :]
         return _CONSUMED
+
+    def _find_clause(self, sentence_end: int | None) -> int | None:
+        """Index just after the first clause end, before `sentence_end`, with at least
+        first_clause_words words before it; None if there is none (yet)."""
+        buf = self._buf if sentence_end is None else self._buf[:sentence_end]
+        newline = buf.find("\n")
+        for match in _CLAUSE.finditer(buf if newline < 0 else buf[:newline]):
+            if len(buf[: match.start()].split()) >= self.first_clause_words and _HAS_LETTER.search(buf[: match.start()]):
+                return match.end()
+        return None
 
     def _find_boundary(self) -> int | None:
         """Index just after the first complete sentence in the buffer, or None to wait."""
