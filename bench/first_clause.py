@@ -94,7 +94,7 @@ def summarise(rows: dict[str, list[dict]]) -> dict:
         summary[arm] = {"first_clause_words": ARMS[arm], "turns": len(arm_rows), "answered": len(totals),
                         "p50": round(percentile(totals, 50), 1) if totals else None,
                         "p90": round(percentile(totals, 90), 1) if totals else None}
-    pairs = [(a, b) for a, b in zip(rows["clause"], rows["sentence"]) if a["ok"] and b["ok"]]
+    pairs = [(a, b) for a, b in zip(rows["clause"], rows["sentence"], strict=True) if a["ok"] and b["ok"]]
     cut = [(a, b) for a, b in pairs if a["first_piece"] != b["first_piece"]]
     summary["pairs"] = {
         "answered_both": len(pairs),
