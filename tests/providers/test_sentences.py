@@ -149,3 +149,10 @@ def test_the_first_piece_may_end_at_a_clause_once_it_has_enough_words(step):
         ["Sure - here is a well-known fact:", "the sky is blue."], "Yes.")
     assert split("Yes, 1,000 people came. Then more.", step, first_clause_words=4) == (["Yes, 1,000 people came."], "Then more.")
     assert split("The capital of France is Paris.", step, first_clause_words=4) == ([], "The capital of France is Paris.")
+    # Not inside brackets, quotes or markdown spans: a tool's JSON read out, a parenthesis, a quotation, bold.
+    for text in ('The tools said: {"error": "it did not answer", "id": 1}.', "Big cities (Paris, Lyon, Nice, Lille) are busy.",
+                 'He said "this one, and that one" to me.', "Pack **a coat, two scarves and boots** today."):
+        assert split(text, step, first_clause_words=4) == ([], text), text
+    # Once the bracket has closed, a clause end counts again.
+    assert split("Cities (Paris or Lyon) are big, and busy too.", step, first_clause_words=4) == (
+        ["Cities (Paris or Lyon) are big,"], "and busy too.")

@@ -29,6 +29,15 @@ _FENCE = "```"
 _CONSUMED, _WAIT, _TEXT = "consumed", "wait", "text"
 
 
+def _inside_brackets_or_quotes(text: str) -> bool:
+    """Whether `text` ends inside an open bracket, double quote or markdown span: a comma there
+    ('{"error": ...', '(Paris, Lyon', '**one, two') is no place to pause."""
+    without_bold = text.replace("**", "")
+    return (text.count('"') % 2 == 1 or text.count("“") > text.count("”")
+            or text.count("`") % 2 == 1 or text.count("**") % 2 == 1 or without_bold.count("*") % 2 == 1
+            or any(text.count(left) > text.count(right) for left, right in ("()", "[]", "{}")))
+
+
 class SentenceAggregator:
     """Turns a stream of text deltas into complete sentences.
 
@@ -135,7 +144,9 @@ class SentenceAggregator:
         buf = self._buf if sentence_end is None else self._buf[:sentence_end]
         newline = buf.find("\n")
         for match in _CLAUSE.finditer(buf if newline < 0 else buf[:newline]):
-            if len(buf[: match.start()].split()) >= self.first_clause_words and _HAS_LETTER.search(buf[: match.start()]):
+            before = buf[: match.start()]
+            if (len(before.split()) >= self.first_clause_words and _HAS_LETTER.search(before)
+                    and not _inside_brackets_or_quotes(before)):
                 return match.end()
         return None
 
