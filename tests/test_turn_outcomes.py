@@ -231,26 +231,30 @@ async def test_a_reply_queued_behind_other_generations_is_waited_for_not_given_u
 
 @pytest.fixture(scope="module")
 def mute_llm_mesh(tmp_path_factory):
-    """The fake LLM's reply to the first utterance is empty (it says nothing), to the second an echo."""
+    """The fake LLM's reply to the first utterance is empty (it says nothing), to the second only
+    emoji and markdown (nothing to voice), to the third an echo."""
     procs = Processes(tmp_path_factory.mktemp("mute-llm"))
     try:
-        yield fake_mesh(procs, FakeScript(transcripts=("please say nothing", FIRST_WORDS)))
+        yield fake_mesh(procs, FakeScript(transcripts=("please say nothing", "reply with only emoji", FIRST_WORDS)))
     finally:
         procs.stop_all()
 
 
 async def test_an_empty_reply_ends_the_turn_with_a_reason_and_the_session_goes_on(mute_llm_mesh):
-    """An LLM that ends its reply without a word or a tool call leaves the user in silence: the
-    turn ends as failed with an error that says so, not as answered; the next turn is answered."""
+    """An LLM that ends its reply without a word to speak or a tool call (nothing, or only emoji
+    and markdown) leaves the user in silence: the turn ends as failed with an error that says so,
+    not as answered; the next turn is answered."""
     config = held_config(prefix="mute")
     async with ConverseProbe(mute_llm_mesh.orchestrator_address, config) as probe:
+        for turn_number in (1, 2):
+            await probe.send_audio(utterance())
+            ended = (await probe.wait_for(event_is("turn_ended", turn_number=turn_number), timeout=60)).turn_ended
+            assert ended.reason == Ended.REASON_REPLY_FAILED, (turn_number, ended, probe.kinds())
+            errors = probe.of("error")
+            assert len(errors) == turn_number, errors
+            assert errors[-1].source == "llm/tts" and not errors[-1].fatal and "without a word" in errors[-1].message, errors
+            assert probe.of("bot_text") == [], probe.of("bot_text")
         await probe.send_audio(utterance())
-        ended = (await probe.wait_for(event_is("turn_ended", turn_number=1), timeout=60)).turn_ended
-        assert ended.reason == Ended.REASON_REPLY_FAILED, (ended, probe.kinds())
-        (error,) = probe.of("error")
-        assert error.source == "llm/tts" and not error.fatal and "without a word" in error.message, error
-        assert probe.of("bot_text") == [], probe.of("bot_text")
-        await probe.send_audio(utterance())
-        ended = (await probe.wait_for(event_is("turn_ended", turn_number=2), timeout=60)).turn_ended
+        ended = (await probe.wait_for(event_is("turn_ended", turn_number=3), timeout=60)).turn_ended
         assert ended.reason == Ended.REASON_ANSWERED, (ended, probe.kinds())
         assert [t.text for t in probe.of("bot_text")] == [f"You said: {FIRST_WORDS}."]

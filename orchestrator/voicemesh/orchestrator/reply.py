@@ -21,7 +21,7 @@ from voicemesh.orchestrator.tools import ToolBroker
 from voicemesh.orchestrator.tracing import metrics
 from voicemesh.orchestrator.turn_events import Turn
 from voicemesh.runtime import telemetry
-from voicemesh.runtime.sentences import SentenceAggregator
+from voicemesh.runtime.sentences import SentenceAggregator, clean_for_speech
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, tts_pb2
 
 
@@ -76,13 +76,15 @@ class ReplyEnv:
 
 
 class EmptyReply(Exception):
-    """The LLM ended its reply without a word or a tool call: the user would hear nothing, so
-    the turn ends as failed, with this as the reason (not as answered)."""
+    """The LLM ended its reply without a word to speak or a tool call (nothing at all, or only
+    markdown or emoji, which the TTS drops): the user would hear nothing, so the turn ends as
+    failed, with this as the reason (not as answered)."""
 
     code = "UNKNOWN"
 
     def __init__(self) -> None:
-        super().__init__("the LLM ended its reply without a word or a tool call (the model gave nothing to say); "
+        super().__init__("the LLM ended its reply without a word to speak or a tool call (nothing, or only markdown "
+                         "or emoji); "
                          "the user can say it again, or the prompt can be checked")
 
 
@@ -154,6 +156,7 @@ class BotReply:
         first_delta = True
         calls: list[llm_pb2.ToolCall] = []
         tool_rounds = 0
+        speakable = False  # a piece the TTS will voice: markdown or emoji alone is cleaned to nothing
         async for response in llm_call:
             kind = response.WhichOneof("response")
             if kind == "delta" and first_delta:
@@ -172,6 +175,7 @@ class BotReply:
                     segment_id += 1
                     self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
                     self.turn.tts_characters += len(sentence)
+                    speakable = speakable or bool(clean_for_speech(sentence))
                     await _write(tts_call, _piece(segment_id, sentence))
             elif kind == "done":
                 usage = response.done.usage
@@ -181,8 +185,9 @@ class BotReply:
             segment_id += 1
             self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
             self.turn.tts_characters += len(rest)
+            speakable = speakable or bool(clean_for_speech(rest))
             await _write(tts_call, _piece(segment_id, rest))
-        if segment_id == 0 and tool_rounds == 0 and not calls:
+        if not speakable and tool_rounds == 0 and not calls:
             raise EmptyReply()
         await llm_call.done_writing()
         await tts_call.done_writing()

@@ -14,9 +14,10 @@ health, Info, DetectMany and tracing are the real service's. Only the engine is 
   the first, "silent-" empties them all.
 - LLM (`voicemesh.llm.providers.fake`): echoes "You said: <last user message>." (or `reply`
   when set), the first `llm_first_delta_words` words `llm_first_token_ms` after the request,
-  then a word every `llm_token_ms`; "say nothing" gets an empty reply, "long story" 30 sentences, "what did you say" the
-  previous reply, "count messages" the message count, and with tools declared "weather in X
-  and Y" calls get_weather once per city, then says "The tools said: <results>.".
+  then a word every `llm_token_ms`; "say nothing" gets an empty reply, "only emoji" emoji and
+  markdown alone, "long story" 30 sentences, "what did you say" the previous reply, "count
+  messages" the message count, and with tools declared "weather in X and Y" calls get_weather
+  once per city, then says "The tools said: <results>.".
 - TTS (`voicemesh.tts.providers.fake`): each sentence becomes a 440 Hz tone, `ms_per_char`
   per character (or `tts_sentence_ms` flat when set), in `tts_chunk_ms` chunks at 24 kHz,
   after `tts_first_audio_ms`.

@@ -29,6 +29,8 @@ def reply_to(messages: list[ChatTurn], fixed: str = "") -> str:
         return f"I see {len(messages)} messages."
     if "say nothing" in user:
         return ""  # a model that ends its reply at once: the orchestrator must say so
+    if "only emoji" in user:
+        return "🎉 **👍**"  # nothing the TTS can voice: the same as saying nothing
     if "long story" in user:
         return " ".join(f"This is sentence number {n} of a long story." for n in range(1, 31))
     return f"You said: {user}."
