@@ -207,7 +207,7 @@ class WhisperSttProvider(SttProvider):
         if audio.size == 0 or _loudest_frame_rms(audio) < QUIET_FLOOR_RMS / 32768:
             return _Decoded("", 0.0, ())  # nothing above the quiet floor: Whisper would hear "you"
         pipeline = (self._interim_pipeline if interim else None) or self._pipeline
-        result = pipeline.decode(audio, language, 1 if interim else self.beam_size, words)
+        result = pipeline.decode(audio, language, 1 if interim else self.beam_size, words, fall_back=not interim)
         if result.no_speech_prob > NO_SPEECH_PROB and result.avg_logprob < LOG_PROB_FLOOR:
             return _Decoded("", 0.0, ())  # Whisper's no-speech rule: silence decodes to "you"
         word_list = tuple(

@@ -114,8 +114,11 @@ class WindowedWhisper:
             self._tokenizers[language] = (tokenizer, get_suppressed_tokens(tokenizer, [-1]))
         return self._tokenizers[language]
 
-    def decode(self, audio: np.ndarray, language: str, beam_size: int, words: bool) -> WindowResult:
-        """float32 16 kHz mono audio, under 30 s -> one segment's text, scores and word times."""
+    def decode(self, audio: np.ndarray, language: str, beam_size: int, words: bool,
+               fall_back: bool = True) -> WindowResult:
+        """float32 16 kHz mono audio, under 30 s -> one segment's text, scores and word times.
+        `fall_back`: a "fit" decode that loops or hits its cap is decoded again on 30 s (interims
+        pass False: a later decode replaces them, and the worker's time is the final's)."""
         from faster_whisper.audio import pad_or_trim
         from faster_whisper.transcribe import merge_punctuations
 
@@ -127,8 +130,9 @@ class WindowedWhisper:
             padded[: len(audio)] = audio
             features = self.model.feature_extractor(padded)[..., :-1]  # (mels, frames); the last is the pad's edge
             encoded = self.model.encode(features)
-            generated = self._generate(encoded, tokenizer, suppressed, len(audio), beam_size, retry=False)
-            if generated.suspect:
+            full = len(padded) >= FULL_WINDOW_S * RATE_HZ  # already the 30 s window: nothing to go back to
+            generated = self._generate(encoded, tokenizer, suppressed, len(audio), beam_size, retry=full)
+            if generated.suspect and fall_back and not full:
                 self.fallbacks += 1
                 generated = None
         if generated is None:  # as faster-whisper's pipeline: the clip's features, zero-padded to 30 s
