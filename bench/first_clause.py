@@ -7,7 +7,7 @@ a clause, so this asks questions whose answers tend to (the fixtures' "capital o
 get one short sentence, where nothing changes).
 
 Both arms run in one embedded mesh (every service its own process, real models), paired: each
-question is asked in arm A and arm B back to back (A B, then B A), with the same LLM seed, so
+question is asked in arm A and arm B back to back (A B in one round, B A in the next), with the same LLM seed, so
 both arms get the same reply text and only where the first piece ends differs. Reported per
 arm: voice-to-voice p50/p90 (end of user speech in the clip to first bot audio at the client),
 the pairwise difference, and the first piece spoken.
@@ -79,7 +79,7 @@ async def measure(addr: str, rounds: int, clips: dict[str, np.ndarray]) -> dict:
     rows: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for round_index in range(rounds):
         for number, (text, samples) in enumerate(clips.items()):
-            order = list(ARMS) if (round_index * len(clips) + number) % 2 == 0 else list(ARMS)[::-1]
+            order = list(ARMS) if (round_index + number) % 2 == 0 else list(ARMS)[::-1]  # each question: A B, then B A
             for arm in order:
                 row = {"question": text, **await one_turn(addr, samples, ARMS[arm])}
                 rows[arm].append(row)
