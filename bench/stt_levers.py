@@ -38,12 +38,14 @@ import numpy as np
 
 from voicemesh.stt.providers.base import SttStreamConfig, SttTranscript
 from voicemesh.stt.providers.whisper import WhisperSttProvider, interim_model_dir
+from voicemesh.stt.providers.whisper_stream import PAUSE_MS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 CHUNK_MS = 20
 VAD_START_DELAY_MS = 200
 FINALIZE_AFTER_END_MS = 275  # stop_secs 0.2 + Smart Turn's decision
-PAUSE_AT_MS = 200  # whisper_stream.PAUSE_MS: when the pause decode is due
+PAUSE_AT_MS = PAUSE_MS  # when the pause decode is due
+DECODE_TAIL_MS = 200  # quiet after the speech in `decode` mode's clips (as in bench/results/stt-window.json)
 LEAD_IN_MS = 1000
 FINAL_DEADLINE_S = 120
 
@@ -226,7 +228,7 @@ async def run_decode(names: list[str], rounds: int, voices: bool = False) -> dic
     texts: dict[str, list[str]] = {name: [] for name in names}
     for round_index in range(rounds):
         for turn in load_turns(voices):
-            lo, hi = 32 * max(0, turn["start_ms"] - 250), 32 * (turn["end_ms"] + PAUSE_AT_MS)
+            lo, hi = 32 * max(0, turn["start_ms"] - 250), 32 * (turn["end_ms"] + DECODE_TAIL_MS)
             audio = np.frombuffer(turn["pcm"][lo:hi], "<i2").astype(np.float32) / 32768.0
             for name in names if round_index % 2 == 0 else names[::-1]:
                 provider = providers[name]

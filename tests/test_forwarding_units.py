@@ -63,7 +63,8 @@ def test_while_the_user_speaks_loud_frames_batch_and_a_quiet_one_leaves_at_once(
     assert vad == [(0, 40), (40, 40), (80, 40), (120, 20), (140, 20)]
     # Full pieces may wait for other sessions' audio on a multiplexed call; a quiet frame may not.
     assert vad_calls.urgent == [False, False, True, True, True]
-    assert stt == [(0, STT_SPEECH_MS)]  # 160 ms so far: one 100 ms piece, the rest waits
+    # The STT: 100 ms pieces of speech; the urgent quiet frames at once (its pause decode waits on them).
+    assert stt == [(0, STT_SPEECH_MS), (100, 20), (120, 20), (140, 20)]
     sent = np.concatenate([np.frombuffer(c.data, "<i2") for c in vad_calls.chunks])
     assert np.array_equal(sent, np.concatenate([f for f, _ in frames]))  # nothing lost, nothing reordered
 
@@ -71,9 +72,10 @@ def test_while_the_user_speaks_loud_frames_batch_and_a_quiet_one_leaves_at_once(
 def test_quiet_frames_become_urgent_only_near_the_end_of_the_stop_wait():
     frames = [(loud(i), True) for i in range(5)] + [(quiet(i), True) for i in range(4)]
     # A 160 ms stop wait: quiet frames are urgent from 60 ms of quiet on (the third).
-    vad, _, vad_calls, _ = feed(frames, stop_ms=URGENT_MARGIN_MS + 60)
+    vad, stt, vad_calls, _ = feed(frames, stop_ms=URGENT_MARGIN_MS + 60)
     assert vad == [(0, 40), (40, 40), (80, 40), (120, 40), (160, 20)]
     assert vad_calls.urgent == [False, False, False, True, True]
+    assert stt == [(0, STT_SPEECH_MS), (100, 60), (160, 20)]  # the first urgent frame takes the quiet before it
     # A loud frame starts the quiet run again.
     frames = [(quiet(0), True), (quiet(1), True), (loud(2), True), (quiet(3), True), (quiet(4), True)]
     _, _, vad_calls, _ = feed(frames, stop_ms=URGENT_MARGIN_MS + 40)
@@ -88,14 +90,15 @@ def test_finalize_flushes_the_stt_only_when_speech_may_be_waiting():
             await audio.flush_stt(speech_end_ms)
         return then
 
+    long_stop = 800  # no quiet frame here is urgent
     # Speech ended at 80 ms: already in the STT's first 100 ms piece, no write for the silence.
-    _, stt, _, _ = feed(frames, finalize_at(80))
+    _, stt, _, _ = feed(frames, finalize_at(80), stop_ms=long_stop)
     assert stt == [(0, 100)]
     # Speech ended at 120 ms: the waiting 40 ms may hold its last words, so they are sent.
-    _, stt, _, _ = feed(frames, finalize_at(120))
+    _, stt, _, _ = feed(frames, finalize_at(120), stop_ms=long_stop)
     assert stt == [(0, 100), (100, 40)]
     # A turn start sends everything.
-    _, stt, _, _ = feed(frames, finalize_at(None))
+    _, stt, _, _ = feed(frames, finalize_at(None), stop_ms=long_stop)
     assert stt == [(0, 100), (100, 40)]
 
 

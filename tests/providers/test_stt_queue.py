@@ -158,8 +158,9 @@ class FakeWhisper:
     word_timestamps = True
     language = "en"
 
-    def __init__(self, has_interim_model: bool = False) -> None:
+    def __init__(self, has_interim_model: bool = False, pause_ms: int = 200) -> None:
         self.has_interim_model = has_interim_model  # periodic interims ("caption") on a second model
+        self.pause_ms = pause_ms  # quiet audio that starts a pause decode (VOICEMESH_STT_PAUSE_MS)
         self.queue = DecodeQueue("fake-whisper")
         self.gate = Gate()
         self.names: dict[object, str] = {}
@@ -278,6 +279,24 @@ async def test_the_pause_decode_in_flight_becomes_the_final(whisper):
     final, _ = await results_until_end_of_utterance(stream)
     assert final.is_final and final.text == "A interim 1200 ms"  # decoded at 200 ms of the pause
     assert whisper.submitted == [("A", "interim")]
+
+
+async def test_the_pause_decode_starts_after_the_providers_pause_ms_of_quiet():
+    for pause_ms, quiet_pushes in ((100, 1), (300, 3)):
+        whisper = FakeWhisper(pause_ms=pause_ms)
+        try:
+            stream = whisper.open_stream(SttStreamConfig(interim_results=False, pause_transcripts=True), "A")
+            await stream.turn_start("turn-1", 0)
+            await stream.push_audio(speech(600))
+            for _ in range(quiet_pushes - 1):
+                await stream.push_audio(silence(100))
+            assert whisper.submitted == [], (pause_ms, whisper.submitted)  # not yet: the pause is shorter
+            await stream.push_audio(silence(100))
+            async with asyncio.timeout(WAIT_S):
+                at_pause = await anext(aiter(stream.results()))
+            assert at_pause.at_pause and whisper.submitted == [("A", "interim")], (pause_ms, at_pause, whisper.submitted)
+        finally:
+            whisper.queue.close()
 
 
 async def test_captions_go_to_the_interim_model_and_the_pause_decode_to_the_main_one():

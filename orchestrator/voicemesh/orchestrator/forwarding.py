@@ -14,7 +14,8 @@ reaches the VAD adds to the reply's latency. So each stream gets the piece size 
   pause begin before the audio turns quiet, the stop is at most one piece later, plus the
   multiplexed call's linger.)
 - STT: STT_SPEECH_MS pieces while the user is speaking, STT_IDLE_MS otherwise (the STT
-  only keeps that audio as the next turn's pre-roll). Before a turn start everything is
+  only keeps that audio as the next turn's pre-roll); the urgent quiet frames go to it at
+  once too, as its pause decode (and the reply started on it) waits on the same pause. Before a turn start everything is
   flushed, and before a Finalize whatever may still hold speech, so the transcripts cover
   every word the VAD has heard.
 
@@ -129,11 +130,12 @@ class CallerAudio:
         self.stt.add(samples)
         quiet = user_speaking and _quiet(samples)
         self.quiet_run_ms = self.quiet_run_ms + len(samples) * 1000 / self.rate_hz if quiet else 0.0
-        if quiet and self.quiet_run_ms >= self.urgent_after_ms:
-            await self.vad.flush()  # urgent: it may complete the pause
+        urgent = quiet and self.quiet_run_ms >= self.urgent_after_ms
+        if urgent:
+            await self.vad.flush()  # it may complete the pause
         elif self.vad.holds_ms() >= VAD_PIECE_MS:
             await self.vad.flush(urgent=False)
-        if self.stt.holds_ms() >= (STT_SPEECH_MS if user_speaking else STT_IDLE_MS):
+        if urgent or self.stt.holds_ms() >= (STT_SPEECH_MS if user_speaking else STT_IDLE_MS):
             await self.stt.flush()
 
     async def flush_stt(self, speech_end_ms: int | None = None) -> None:

@@ -35,7 +35,7 @@ from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.stt.providers.base import SttProvider, SttStream, SttStreamConfig, Word
 from voicemesh.stt.providers.decode_queue import DecodeJob, DecodeQueue
 from voicemesh.stt.providers.whisper_stream import (
-    INTERIM_EVERY_MS, LOG_PROB_FLOOR, NO_SPEECH_PROB, QUIET_FLOOR_RMS, QUIET_FRAME_MS, WHISPER_RATE_HZ,
+    INTERIM_EVERY_MS, LOG_PROB_FLOOR, NO_SPEECH_PROB, PAUSE_MS, QUIET_FLOOR_RMS, QUIET_FRAME_MS, WHISPER_RATE_HZ,
     WhisperSttStream, _Decoded, frame_rms,
 )
 from voicemesh.stt.providers.whisper_window import WINDOWS, WindowedWhisper
@@ -97,7 +97,7 @@ class WhisperSttProvider(SttProvider):
         self, model_dir: str | os.PathLike | None = None, cpu_threads: int | None = None,
         language: str | None = None, word_timestamps: bool | None = None,
         compute_type: str | None = None, beam_size: int | None = None, interim_model: str | None = None,
-        window: str | None = None,
+        window: str | None = None, pause_ms: int | None = None,
     ) -> None:
         self._model_dir = Path(model_dir) if model_dir else None
         self._cpu = EngineCpu(engine_threads("stt", DEFAULT_THREADS, cpu_threads), wait_policy())
@@ -115,6 +115,10 @@ class WhisperSttProvider(SttProvider):
         self.window = window or env_value("stt", "window", "fit")
         if self.window not in WINDOWS:
             raise ValueError(f"VOICEMESH_STT_WINDOW: {self.window!r} is not one of {', '.join(WINDOWS)}")
+        raw_pause = str(pause_ms) if pause_ms is not None else env_value("stt", "pause_ms", str(PAUSE_MS))
+        if not raw_pause.isdigit() or not 40 <= int(raw_pause) <= 2000:
+            raise ValueError(f"VOICEMESH_STT_PAUSE_MS: {raw_pause!r} is not a whole number of ms from 40 to 2000")
+        self.pause_ms = int(raw_pause)  # quiet audio that starts a pause decode (whisper_stream.PAUSE_MS)
         self._queue = DecodeQueue("whisper")
         self._pipeline: WindowedWhisper | None = None  # the main model, once loaded
         self._interim_pipeline: WindowedWhisper | None = None  # the interim model's, when there is one
@@ -170,6 +174,7 @@ class WhisperSttProvider(SttProvider):
                 "cpu_threads": str(self.cpu_threads), **self._cpu.details(),
                 "language": self.language,
                 "word_timestamps": str(self.word_timestamps).lower(), "interim_every_ms": str(INTERIM_EVERY_MS),
+                "pause_ms": str(self.pause_ms),
             },
         )
 

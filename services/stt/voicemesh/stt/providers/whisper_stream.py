@@ -31,10 +31,13 @@ PREROLL_MS = 250  # VAD reports speech starts ~100-250 ms late; keep the onset o
 # Audio time between interim decodes. One decode of a few seconds takes ~0.1 s on 2 cores (its
 # window cut to the audio; ~0.7 s on a 30 s one), so 0.7 s keeps many streams' captions current.
 INTERIM_EVERY_MS = 700
-# Pause decodes: when the user pauses (PAUSE_MS of quiet audio), decode at once, so that if
-# the pause turns out to be the end of the utterance, finalize() can answer with that decode
-# instead of starting one (the VAD needs 0.2-0.8 s to confirm the end; a decode takes ~0.1 s).
-PAUSE_MS = 200
+# Pause decodes: when the user pauses (PAUSE_MS of quiet audio, VOICEMESH_STT_PAUSE_MS), decode
+# at once, so that if the pause turns out to be the end of the utterance, finalize() can answer
+# with that decode instead of starting one (the VAD needs 0.2-0.8 s to confirm the end; a decode
+# takes ~0.1 s), and the reply started on it speculatively is under way when the turn is decided.
+# 120 ms: 89 ms sooner voice-to-voice than 200 at the same CPU; 80 ms speculates on so many
+# pauses inside a sentence that the LLM falls behind (docs/performance.md, bench/pause_decode.py).
+PAUSE_MS = 120
 QUIET_FRAME_MS = 20
 QUIET_RATIO = 0.1  # a frame is quiet below this share of the utterance's loudest frame ...
 QUIET_FLOOR_RMS = 150.0  # ... or below this int16 RMS (about -47 dBFS), whichever is higher
@@ -99,6 +102,7 @@ class WhisperSttStream(SttStream):
     def __init__(self, provider: WhisperSttProvider, config: SttStreamConfig, language: str) -> None:
         self._provider, self._config, self._language = provider, config, language
         self._rate = config.sample_rate_hz
+        self._pause_ms = provider.pause_ms
         self._captions_apart = provider.interim_model_covers(language)  # periodic interims on the interim model
         self._ring = bytearray()  # PCM16, the last WINDOW_S seconds (plus up to 5 s before a trim)
         self._ring_start = 0  # stream sample index of the ring's first sample
@@ -181,16 +185,16 @@ class WhisperSttStream(SttStream):
 
     def _pause_needs_decode(self) -> bool:
         """The user has paused, and no decode (done or queued) covers the speech before it."""
-        if self._quiet_since is None or self._total - self._quiet_since < self._samples(PAUSE_MS):
+        if self._quiet_since is None or self._total - self._quiet_since < self._samples(self._pause_ms):
             return False
-        if self._quiet_since - self._utterance_start < self._samples(PAUSE_MS):
+        if self._quiet_since - self._utterance_start < self._samples(self._pause_ms):
             return False  # no speech in this utterance yet
         queued_covers = (self._interim_task is not None and self._interim_reusable
                          and self._interim_generation == self._generation and self._interim_end >= self._quiet_since)
         return not self._pause_covered() and not queued_covers
 
     def _pause_long_enough(self) -> bool:
-        return self._quiet_since is not None and self._total - self._quiet_since >= self._samples(PAUSE_MS)
+        return self._quiet_since is not None and self._total - self._quiet_since >= self._samples(self._pause_ms)
 
     def _announce_pause(self) -> None:
         """Send the latest decode once as this pause's transcript (at_pause), if asked for."""
