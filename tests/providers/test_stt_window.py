@@ -1,7 +1,7 @@
 """The Whisper window's arithmetic, without a model (test_stt.py decodes on one)."""
 from __future__ import annotations
 
-from voicemesh.stt.providers.whisper_window import _repetitive, repeats_itself, window_samples
+from voicemesh.stt.providers.whisper_window import _repetitive, first_repeat, repeats_itself, window_samples
 
 
 def test_a_decode_encodes_the_audio_and_some_silence_not_a_30_s_window():
@@ -27,3 +27,7 @@ def test_a_run_of_tokens_said_twice_in_a_row_is_a_loop_a_repeated_word_is_not():
     assert not repeats_itself([1, 2, 3, 1, 2, 3, 9])  # three tokens twice: a phrase said again ("no, no")
     assert not repeats_itself([1, 2, 3, 4, 9, 1, 2, 3, 4])  # the same run, not back to back
     assert not repeats_itself([])
+    # A caption that loops is cut where its loop starts again: the first copy stays.
+    assert first_repeat(sentence + sentence + sentence[:3]) == len(sentence)
+    assert first_repeat([1, 2, 3, 4, 5, 6, 7] + [3, 4, 5, 6] * 2) == 11
+    assert first_repeat(sentence) is None

@@ -70,13 +70,20 @@ def _repetitive(text: str) -> bool:
     return bool(raw) and len(raw) / len(zlib.compress(raw)) > COMPRESSION_RATIO_LOOP
 
 
-def repeats_itself(tokens: list[int]) -> bool:
-    """Whether some run of LOOP_MIN_TOKENS or more tokens comes twice in a row (a decoding loop;
-    zlib's ratio misses one on a short text: two and a half copies of a sentence compress 2x)."""
+def first_repeat(tokens: list[int]) -> int | None:
+    """Where the first run of LOOP_MIN_TOKENS or more tokens that comes twice in a row starts
+    again (a decoding loop; zlib's ratio misses one on a short text: two and a half copies of a
+    sentence compress 2x), or None."""
     count = len(tokens)
-    return any(tokens[start:start + span] == tokens[start + span:start + 2 * span]
-               for span in range(LOOP_MIN_TOKENS, count // 2 + 1)
-               for start in range(count - 2 * span + 1))
+    for start in range(count - 2 * LOOP_MIN_TOKENS + 1):
+        for span in range(LOOP_MIN_TOKENS, (count - start) // 2 + 1):
+            if tokens[start:start + span] == tokens[start + span:start + 2 * span]:
+                return start + span
+    return None
+
+
+def repeats_itself(tokens: list[int]) -> bool:
+    return first_repeat(tokens) is not None
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,8 @@ class WindowedWhisper:
                fall_back: bool = True) -> WindowResult:
         """float32 16 kHz mono audio, under 30 s -> one segment's text, scores and word times.
         `fall_back`: a "fit" decode that loops or hits its cap is decoded again on 30 s (interims
-        pass False: a later decode replaces them, and the worker's time is the final's)."""
+        pass False: a later decode replaces them, and the worker's time is the final's; a loop
+        there is cut where it starts again)."""
         from faster_whisper.audio import pad_or_trim
         from faster_whisper.transcribe import merge_punctuations
 
@@ -140,6 +148,8 @@ class WindowedWhisper:
             encoded = self.model.encode(features)
             generated = self._generate(encoded, tokenizer, suppressed, len(audio), beam_size, retry=True)
         tokens = generated.tokens
+        if not fall_back and generated.suspect:
+            tokens = tokens[: first_repeat(tokens) or len(tokens)]  # a caption: its first copy is enough
         timed: tuple[tuple[str, float, float, float], ...] = ()
         if words and tokens:
             frames = min(features.shape[-1], max(2, math.ceil(len(audio) / HOP)))  # the audio's, not the padding's
