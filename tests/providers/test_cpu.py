@@ -148,8 +148,8 @@ def test_named_setting(machine, monkeypatch):
 
 def test_passive_by_default_and_set_before_the_import(machine):
     policy = cpu.set_omp_wait_policy("no_such_engine_module")
-    assert policy == cpu.WaitPolicy("PASSIVE", "default")
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert policy == cpu.WaitPolicy("PASSIVE", "default, GOMP_SPINCOUNT=1000")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == cpu.DEFAULT_SPIN_COUNT
     assert not policy.spins
 
 
@@ -158,6 +158,7 @@ def test_the_users_wait_policy_wins(machine, monkeypatch):
     policy = cpu.set_omp_wait_policy("no_such_engine_module")
     assert policy == cpu.WaitPolicy("ACTIVE", "env")
     assert os.environ["OMP_WAIT_POLICY"] == "active" and policy.spins
+    assert "GOMP_SPINCOUNT" not in os.environ  # the user's policy comes with libgomp's own spin count
 
 
 def test_too_late_when_the_engine_is_already_loaded(machine, monkeypatch):
@@ -166,9 +167,10 @@ def test_too_late_when_the_engine_is_already_loaded(machine, monkeypatch):
     assert policy.value == "PASSIVE" and "already loaded" in policy.source
 
 
-def test_gomp_spincount_is_reported(machine, monkeypatch):
+def test_the_users_spin_count_wins_and_is_reported(machine, monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
     assert cpu.set_omp_wait_policy("no_such_engine_module").source == "default, GOMP_SPINCOUNT=10000"
+    assert os.environ["GOMP_SPINCOUNT"] == "10000"
 
 
 def test_details_and_description(machine):

@@ -9,7 +9,8 @@ went from 4-12x its quiet time to 1.6x. So every engine here gets:
 
 - threads: min(the engine's default, the CPUs available), unless VOICEMESH_<KIND>_<NAME> or
   VOICEMESH_<NAME> sets it (that always wins, even above the CPUs available);
-- no spinning: OMP_WAIT_POLICY=PASSIVE unless the user set it (it must be in the environment
+- almost no spinning: OMP_WAIT_POLICY=PASSIVE with GOMP_SPINCOUNT=1000 (a few microseconds of
+  spin before a thread sleeps) unless the user set either (they must be in the environment
   before the OpenMP library loads), and onnxruntime's `allow_spinning` off unless
   OMP_WAIT_POLICY=ACTIVE.
 """
@@ -28,6 +29,12 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 DEFAULT_WAIT_POLICY = "PASSIVE"
+SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
+# Spins before a waiting OpenMP thread sleeps. With PASSIVE's default, 0, llama.cpp took 62 ms a
+# token on 2 cores against 47 spinning (ACTIVE) or with 10000 spins. 1000 spins, a few
+# microseconds, kept 92-97 ms of quiet voice-to-voice and cost 78-98 ms beside a busy core
+# (docs/performance.md#sharing-the-cpu); 10000 cost 650 ms there.
+DEFAULT_SPIN_COUNT = "1000"
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,8 @@ def set_omp_wait_policy(module: str) -> WaitPolicy:
     policy = wait_policy()
     if policy.source == "default":  # unset or empty: a value the user set is left alone
         os.environ[WAIT_POLICY_ENV] = policy.value
+        if not os.environ.get(SPIN_COUNT_ENV, "").strip():
+            os.environ[SPIN_COUNT_ENV] = DEFAULT_SPIN_COUNT
     if module in sys.modules:
         log.warning("%s was loaded before %s could be set; its OpenMP keeps the setting of that time",
                     module, WAIT_POLICY_ENV)
