@@ -55,6 +55,14 @@ def _flag(name: str, default: str) -> bool:
     return env_value("stt", name, default).lower() not in ("0", "false", "no", "off")
 
 
+def _whole_number(name: str, given: int | None, default: int, low: int, high: int, unit: str = "") -> int:
+    """`given`, else VOICEMESH_STT_<NAME>, else `default`: a whole number from `low` to `high`."""
+    raw = str(given) if given is not None else env_value("stt", name, str(default))
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ValueError(f"VOICEMESH_STT_{name.upper()}: {raw!r} is not a whole number{unit} from {low} to {high}")
+    return int(raw)
+
+
 def _loudest_frame_rms(audio: np.ndarray) -> float:
     """RMS of the loudest QUIET_FRAME_MS frame of float audio (full scale 1.0)."""
     return float(frame_rms(audio, min(len(audio), WHISPER_RATE_HZ * QUIET_FRAME_MS // 1000)).max())
@@ -107,18 +115,13 @@ class WhisperSttProvider(SttProvider):
         self.compute_type = compute_type or env_value("stt", "compute_type", DEFAULT_COMPUTE_TYPE)
         if self.compute_type not in COMPUTE_TYPES:
             raise ValueError(f"VOICEMESH_STT_COMPUTE_TYPE: {self.compute_type!r} is not one of {', '.join(COMPUTE_TYPES)}")
-        raw_beam = str(beam_size) if beam_size is not None else env_value("stt", "beam_size", "1")
-        if not raw_beam.isdigit() or not 1 <= int(raw_beam) <= 10:
-            raise ValueError(f"VOICEMESH_STT_BEAM_SIZE: {raw_beam!r} is not a whole number from 1 to 10")
-        self.beam_size = int(raw_beam)
+        self.beam_size = _whole_number("beam_size", beam_size, 1, 1, 10)
         self.interim_model = env_value("stt", "interim_model", "auto") if interim_model is None else interim_model
         self.window = window or env_value("stt", "window", "fit")
         if self.window not in WINDOWS:
             raise ValueError(f"VOICEMESH_STT_WINDOW: {self.window!r} is not one of {', '.join(WINDOWS)}")
-        raw_pause = str(pause_ms) if pause_ms is not None else env_value("stt", "pause_ms", str(PAUSE_MS))
-        if not raw_pause.isdigit() or not 40 <= int(raw_pause) <= 2000:
-            raise ValueError(f"VOICEMESH_STT_PAUSE_MS: {raw_pause!r} is not a whole number of ms from 40 to 2000")
-        self.pause_ms = int(raw_pause)  # quiet audio that starts a pause decode (whisper_stream.PAUSE_MS)
+        # Quiet audio that starts a pause decode (whisper_stream.PAUSE_MS).
+        self.pause_ms = _whole_number("pause_ms", pause_ms, PAUSE_MS, 40, 2000, unit=" of ms")
         self._queue = DecodeQueue("whisper")
         self._pipeline: WindowedWhisper | None = None  # the main model, once loaded
         self._interim_pipeline: WindowedWhisper | None = None  # the interim model's, when there is one

@@ -102,7 +102,7 @@ class WhisperSttStream(SttStream):
     def __init__(self, provider: WhisperSttProvider, config: SttStreamConfig, language: str) -> None:
         self._provider, self._config, self._language = provider, config, language
         self._rate = config.sample_rate_hz
-        self._pause_ms = provider.pause_ms
+        self._pause_samples = self._samples(provider.pause_ms)  # checked on every push: made once
         self._captions_apart = provider.interim_model_covers(language)  # periodic interims on the interim model
         self._ring = bytearray()  # PCM16, the last WINDOW_S seconds (plus up to 5 s before a trim)
         self._ring_start = 0  # stream sample index of the ring's first sample
@@ -185,16 +185,16 @@ class WhisperSttStream(SttStream):
 
     def _pause_needs_decode(self) -> bool:
         """The user has paused, and no decode (done or queued) covers the speech before it."""
-        if self._quiet_since is None or self._total - self._quiet_since < self._samples(self._pause_ms):
+        if self._quiet_since is None or self._total - self._quiet_since < self._pause_samples:
             return False
-        if self._quiet_since - self._utterance_start < self._samples(self._pause_ms):
+        if self._quiet_since - self._utterance_start < self._pause_samples:
             return False  # no speech in this utterance yet
         queued_covers = (self._interim_task is not None and self._interim_reusable
                          and self._interim_generation == self._generation and self._interim_end >= self._quiet_since)
         return not self._pause_covered() and not queued_covers
 
     def _pause_long_enough(self) -> bool:
-        return self._quiet_since is not None and self._total - self._quiet_since >= self._samples(self._pause_ms)
+        return self._quiet_since is not None and self._total - self._quiet_since >= self._pause_samples
 
     def _announce_pause(self) -> None:
         """Send the latest decode once as this pause's transcript (at_pause), if asked for."""
