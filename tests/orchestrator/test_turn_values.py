@@ -68,6 +68,22 @@ def test_a_superseded_turn_waits_in_awaiting_until_its_final():
     assert script.turns.awaiting == {} and script.turns.unanswered
 
 
+def test_the_final_releases_the_turn_before_its_end_of_utterance():
+    # One final per Finalize (contract.md): the reply starts on it, one STT message sooner.
+    script = Script().run(["start@0", "stop@1", "final:hello@1.2"])
+    assert script.turns.state == REPLYING
+    assert [type(effect) for effect in script.effects if isinstance(effect, ev.StartReply)] == [ev.StartReply]
+    script.step("eou@1.2")
+    assert [type(effect) for effect in script.effects if isinstance(effect, ev.StartReply)] == [ev.StartReply]
+
+
+def test_a_superseded_turn_settles_on_its_final_alone():
+    script = Script().run(["start@0", "stop@1", "start@1.5", "final#s-1:first@2"])
+    assert script.turns.awaiting == {} and script.turns.unanswered
+    script.step("eou#s-1@2")  # changes nothing: the final was counted
+    assert script.turns.awaiting == {} and script.turns.state == USER_SPEAKING
+
+
 def test_superseded_turns_settle_one_by_one():
     script = Script().run(["start@0", "stop@1", "start@1.05", "stop@1.5", "start@1.7"])
     # Turn 1 was superseded by turn 2, which is superseded by turn 3: both wait for their finals.
@@ -111,5 +127,6 @@ def test_states_of_a_turn():
     for step in ["start@0", "stop@1", "start@1.05", "stop@1.5", "final:hi@1.6", "eou@1.6", "audio@2", "done@3"]:
         script.step(step)
         states.append(script.turns.state)
-    assert states == [LISTENING, USER_SPEAKING, AWAITING_FINAL, USER_SPEAKING, AWAITING_FINAL, AWAITING_FINAL, REPLYING, REPLYING,
+    # The final releases the turn (one final per Finalize); its EndOfUtterance changes nothing.
+    assert states == [LISTENING, USER_SPEAKING, AWAITING_FINAL, USER_SPEAKING, AWAITING_FINAL, REPLYING, REPLYING, REPLYING,
                       LISTENING]

@@ -154,6 +154,7 @@ class BotReply:
         aggregator = SentenceAggregator(first_clause_words=first_clause_words(self.config))
         segment_id = 0
         first_delta = True
+        recorded_ttfb = False  # the LLM's TTFB metric, recorded once the first text has gone on
         calls: list[llm_pb2.ToolCall] = []
         tool_rounds = 0
         speakable = False  # a piece the TTS will voice: markdown or emoji alone is cleaned to nothing
@@ -162,7 +163,6 @@ class BotReply:
             if kind == "delta" and first_delta:
                 first_delta = False
                 self.turn.ttfb_ms["llm"] = (time.monotonic() - self._llm_started) * 1000
-                metrics().ttfb.record(self.turn.ttfb_ms["llm"], {"service": "llm"})
             if kind == "queued":
                 self.turn.llm_queued += 1  # a busy LLM says so every few seconds: the watchdog waits on
             elif kind == "tool_call":
@@ -174,9 +174,13 @@ class BotReply:
                 for sentence in aggregator.push(response.delta.text):
                     segment_id += 1
                     self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
+                    await _write(tts_call, _piece(segment_id, sentence))
+                    # Bookkeeping after the write: the first sentence's write is on the critical path.
                     self.turn.tts_characters += len(sentence)
                     speakable = speakable or bool(clean_for_speech(sentence))
-                    await _write(tts_call, _piece(segment_id, sentence))
+                if not recorded_ttfb:
+                    recorded_ttfb = True
+                    metrics().ttfb.record(self.turn.ttfb_ms["llm"], {"service": "llm"})
             elif kind == "done":
                 usage = response.done.usage
                 self.turn.llm_usage = (usage.input_tokens, usage.output_tokens)
@@ -210,14 +214,15 @@ class BotReply:
         async for response in tts_call:
             if response.HasField("audio"):
                 received = time.perf_counter()
-                if first and self._tts_text_sent_at is not None:
-                    self.turn.ttfb_ms["tts"] = (time.monotonic() - self._tts_text_sent_at) * 1000
-                    metrics().ttfb.record(self.turn.ttfb_ms["tts"], {"service": "tts"})
+                arrived = time.monotonic() if first else 0.0
                 chunk = response.audio.chunk
                 message = events.bot_audio(chunk.data, chunk.offset_ms, number)
-                first = False
                 self.playout.audio(message, len(chunk.data) / self.bytes_per_second, number)
                 metrics().hop.record((time.perf_counter() - received) * 1000, {"direction": "outbound"})
+                if first and self._tts_text_sent_at is not None:  # after the audio: it is on the critical path
+                    self.turn.ttfb_ms["tts"] = (arrived - self._tts_text_sent_at) * 1000
+                    metrics().ttfb.record(self.turn.ttfb_ms["tts"], {"service": "tts"})
+                first = False
                 await self.playout.room()  # past MAX_QUEUED_SECONDS, stop reading the TTS until it plays
             elif response.HasField("segment_done") and response.segment_done.spoken_text:
                 text = response.segment_done.spoken_text

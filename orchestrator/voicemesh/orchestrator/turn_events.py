@@ -34,7 +34,7 @@ class Turn:
     ended: bool = False
     speculation: Speculation | None = None  # a reply started at a pause, not yet confirmed
     finalize_sent_at: float | None = None
-    pending_finals: int = 0  # Finalize sent, EndOfUtterance not yet received
+    pending_finals: int = 0  # Finalize sent, its final transcript not yet received
     timers: set[str] = field(default_factory=set)  # names of the timers running for this turn
     delayed: bool = False  # TurnDelayed already sent
     ended_as: tuple = ()  # (duration s, interrupted, reason name), set when the turn ends

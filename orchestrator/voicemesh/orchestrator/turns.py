@@ -399,6 +399,7 @@ class TurnController:
             elif self.barge is None and transcript.is_final and self.turn is not None:
                 self.turn.user_end_at = self.turn.user_end_at or self.now
                 self._accept_final(self.turn, transcript)
+                _final_in(self.turn)
                 if not self.user_speaking:
                     self._start_reply(self.turn)  # the user already stopped speaking
             return
@@ -406,6 +407,8 @@ class TurnController:
         if superseded is not None:
             if transcript.is_final:
                 self._accept_final(superseded, transcript)
+                if _final_in(superseded):
+                    self._settle(superseded)
             return
         turn = self.turn
         if turn is None or transcript.turn_id != turn.turn_id or turn.replying or turn.ended:
@@ -414,6 +417,9 @@ class TurnController:
             self._speculate(turn, f"{turn.user_text} {transcript.text}".strip())
         if transcript.is_final:
             self._accept_final(turn, transcript)
+            # Release the turn once every utterance in it is final and the user is quiet.
+            if _final_in(turn) and not self.user_speaking:
+                self._start_reply(turn)
         elif self.config.interim_transcripts:
             self._emit("user_transcript", text=transcript.text, is_final=False, turn_number=turn.number,
                        confidence=transcript.stability, language=transcript.language)
@@ -427,19 +433,9 @@ class TurnController:
                    confidence=transcript.confidence, language=transcript.language)
 
     def _on_EndOfUtterance(self, event: ev.EndOfUtterance) -> None:
-        superseded = self.awaiting.get(event.turn_id)
-        if superseded is not None:
-            superseded.pending_finals = max(0, superseded.pending_finals - 1)
-            if not superseded.pending_finals:
-                self._settle(superseded)
-            return
-        turn = self.turn
-        if turn is None or event.turn_id != turn.turn_id:
-            return
-        turn.pending_finals = max(0, turn.pending_finals - 1)
-        # Release the turn once every utterance in it is final and the user is quiet.
-        if turn.pending_finals == 0 and not self.user_speaking:
-            self._start_reply(turn)
+        """Nothing to do: the final before it (one per Finalize, contract.md) already counted.
+        Releasing the turn on the final, not on this message, takes one STT message off the
+        critical path."""
 
     def _settle(self, turn: Turn) -> None:
         """A superseded turn's final is in: its words join the context, ahead of the next turn's
@@ -451,3 +447,9 @@ class TurnController:
             self._do(ev.AddToContext("user", text))
             self.unanswered = True
         self._do(ev.TurnFinished(turn))
+
+
+def _final_in(turn: Turn) -> bool:
+    """One of the turn's Finalize messages is answered; True when none is still owed."""
+    turn.pending_finals = max(0, turn.pending_finals - 1)
+    return turn.pending_finals == 0
