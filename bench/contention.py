@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.stats import percentile
+from bench.stats import machine_cpu, percentile
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 QUIET, BUSY, LIMITED = "quiet", "busy", "limited"
@@ -87,11 +87,8 @@ def snapshot(pids: dict[str, int]) -> dict[str, float | None]:
 def parse_proc_stat(text: str) -> float:
     """/proc/stat's first line -> CPU seconds the whole machine has spent busy (user, nice,
     system, irq, softirq, steal; guest time is already inside user)."""
-    fields = text.splitlines()[0].split()
-    if fields[0] != "cpu":
-        raise ValueError(f"not /proc/stat: {text[:40]!r}")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    cpu = machine_cpu(text)
+    return sum(cpu[kind] for kind in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
 def machine_busy_s() -> float | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.procs import Procs, free_port
 from bench.scenario import Latencies
-from bench.stats import cpu_seconds
+from bench.stats import cpu_seconds, steal_cores, steal_seconds
 
 
 FAKES = ("providers", "wire")  # the real services with --provider fake, or bench/fakes.py
@@ -71,12 +71,12 @@ class MeshUnderTest:
         client = self.procs.start(f"load-{sessions}", argv, self.lat.to_env(), self.others_cores, capture=True)
         try:
             time.sleep(ramp + warmup)
-            cpu0, t0 = cpu_seconds(self.orchestrator.pid), time.monotonic()
+            cpu0, steal0, t0 = cpu_seconds(self.orchestrator.pid), steal_seconds(), time.monotonic()
             profiler = None
             if profile_seconds and self.profile_to:
                 profiler = _py_spy(self.orchestrator.pid, profile_seconds, self.profile_to)
             out, _ = client.communicate(timeout=duration + ramp + 120)
-            cpu1, t1 = cpu_seconds(self.orchestrator.pid), time.monotonic()
+            cpu1, steal1, t1 = cpu_seconds(self.orchestrator.pid), steal_seconds(), time.monotonic()
             if profiler is not None:
                 profiler.wait(timeout=profile_seconds + 30)
         finally:
@@ -85,6 +85,7 @@ class MeshUnderTest:
             raise RuntimeError(f"load client failed (exit {client.returncode}); see bench/results/logs/load-{sessions}.log")
         result = json.loads(out)
         result["server_cpu_cores"] = round((cpu1 - cpu0) / max(t1 - t0, 1e-6), 3)
+        result["steal_cores"] = steal_cores(steal0, steal1, t1 - t0)
         if self.orchestrator.poll() is not None:
             raise RuntimeError("the orchestrator exited during the run; see bench/results/logs/orchestrator.log")
         return result

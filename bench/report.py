@@ -50,21 +50,26 @@ def write_markdown(results: dict, path: Path) -> None:
                   "server process pinned to one core:", "",
                   "| sessions | mesh p50 | mesh p99 | Pipecat lean p50 "
                   "| Pipecat lean p99 | mesh/Pipecat p50 | mesh/Pipecat p99 "
-                  "| Pipecat defaults p50 / p99 | CPU mesh / Pipecat lean (cores) | mesh session errors |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| Pipecat defaults p50 / p99 | CPU mesh / Pipecat lean (cores) | CPU steal, worst run, mesh / Pipecat lean "
+                  "(cores) | mesh session errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for n in mesh:
             a, b, d = mesh[n], pipecat.get(n, {}), defaults.get(n, {})
             r = ratio.get(n, {})
             lines.append(f"| {n} | {_spread(a, 'p50')} | {_spread(a, 'p99')} "
                          f"| {_spread(b, 'p50')} | {_spread(b, 'p99')} "
-                         f"| {_fmt(r.get('p50'))} | {_fmt(r.get('p99'))} | {_fmt(d.get('p50'))} / {_fmt(d.get('p99'))} "
-                         f"| {_cpu(a.get('cpu_cores'))} / {_cpu(b.get('cpu_cores'))} | {a.get('session_errors')} |")
+                         f"| {_fmt(r.get('p50'), digits=2)} | {_fmt(r.get('p99'), digits=2)} "
+                         f"| {_fmt(d.get('p50'))} / {_fmt(d.get('p99'))} "
+                         f"| {_cpu(a.get('cpu_cores'))} / {_cpu(b.get('cpu_cores'))} "
+                         f"| {_cpu(a.get('steal_cores'))} / {_cpu(b.get('steal_cores'))} | {a.get('session_errors')} |")
     rtt = results.get("grpc_round_trip_us")
     if rtt:
         lines += ["", f"One gRPC round trip between two processes here (grpc.aio on uvloop, loopback, a 640-byte "
                   f"message each way, cores 0 and 1, loops idle): p50 {rtt['p50_us']} µs, p90 {rtt['p90_us']} µs. "
                   f"A mesh turn's critical path crosses five (client, VAD, STT, LLM, TTS): about "
-                  f"{5 * rtt['p50_us'] / 1000:.1f} ms of the mesh's added latency before any of its own work."]
+                  f"{5 * rtt['p50_us'] / 1000:.1f} ms of the mesh's added latency before any of its own work. CPU steal is "
+                  "the time the hypervisor gave this machine's cores to other machines while they had work: where it "
+                  "is a tenth of a core or more, the run measured the neighbours as much as the code."]
     caps = [(name, results.get(key)) for name, key in (("orchestrator (mesh)", "orchestrator_capacity"),
                                                        ("Pipecat, lean", "pipecat_lean_capacity"),
                                                        ("Pipecat, defaults", "pipecat_defaults_capacity"))]

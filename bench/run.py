@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.mesh_side import FAKES, MeshUnderTest
 from bench.procs import ROOT, Procs, free_port, pinned, wait_for_port, wait_serving
 from bench.scenario import Latencies
-from bench.stats import spread
+from bench.stats import spread, steal_cores, steal_seconds
 from bench.venv import bench_python
 
 RESULTS = ROOT / "bench" / "results"
@@ -46,11 +46,14 @@ def pipecat_run(sessions: int, duration: float, mode: str, lat: Latencies, core:
         raise RuntimeError("bench/.venv-pipecat is missing: run `make bench` (it builds it)")
     argv = [str(python), "-m", "bench.pipecat_side", "--sessions", str(sessions), "--duration", str(duration),
             "--warmup", str(warmup), *(["--lean"] if mode == LEAN else [])]
+    steal0, t0 = steal_seconds(), time.monotonic()
     out = subprocess.run(pinned(argv, core), cwd=ROOT, env={**os.environ, **lat.to_env()}, capture_output=True,
                          text=True, timeout=duration + 120)
     if out.returncode != 0:
         raise RuntimeError(f"pipecat side failed: {out.stderr[-1500:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["steal_cores"] = steal_cores(steal0, steal_seconds(), time.monotonic() - t0)  # over the whole run, warm-up too
+    return result
 
 
 def summarise_runs(runs: list[dict]) -> dict:
@@ -66,6 +69,7 @@ def summarise_runs(runs: list[dict]) -> dict:
         "missed_turns": sum(r["missed_turns"] for r in runs),
         "session_errors": sum(r["error_count"] for r in runs),
         "error_examples": sorted({e for r in runs for e in r["errors"]})[:3],
+        "steal_cores": max((r["steal_cores"] for r in runs if r.get("steal_cores") is not None), default=None),
         "client_lag_p99_ms": max((r.get("client_lag_ms") or r.get("server_lag_ms") or {}).get("p99") or 0 for r in runs),
     }
 
@@ -101,11 +105,12 @@ def stage_overhead(args, lat: Latencies, results: dict) -> None:
             runs = [under_test.run_load(n, _duration(args, n)) for _ in range(args.repeats)]
             mesh[str(n)] = summarise_runs(runs)
             log(f"mesh      {n:4d} sessions: added p50 {mesh[str(n)]['p50']} ms, p99 {mesh[str(n)]['p99']} ms, "
-                f"cpu {mesh[str(n)]['cpu_cores']} cores, errors {mesh[str(n)]['session_errors']}")
+                f"cpu {mesh[str(n)]['cpu_cores']} cores, errors {mesh[str(n)]['session_errors']}, "
+                f"steal up to {mesh[str(n)]['steal_cores']} cores")
     for n in args.sessions:
         pipecat[str(n)] = summarise_runs([pipecat_run(n, _duration(args, n), LEAN, lat, "0") for _ in range(args.repeats)])
         log(f"pipecat   {n:4d} sessions (lean): added p50 {pipecat[str(n)]['p50']} ms, p99 {pipecat[str(n)]['p99']} ms, "
-            f"cpu {pipecat[str(n)]['cpu_cores']}")
+            f"cpu {pipecat[str(n)]['cpu_cores']}, steal up to {pipecat[str(n)]['steal_cores']} cores")
         pipecat_defaults[str(n)] = summarise_runs([pipecat_run(n, _duration(args, n), DEFAULTS, lat, "0")])
         log(f"pipecat   {n:4d} sessions (defaults, 1 run): added p50 {pipecat_defaults[str(n)]['p50']} ms, "
             f"p99 {pipecat_defaults[str(n)]['p99']} ms, cpu {pipecat_defaults[str(n)]['cpu_cores']}")

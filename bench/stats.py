@@ -71,6 +71,36 @@ class Playback:
         return late
 
 
+PROC_STAT_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_cpu(text: str) -> dict[str, float]:
+    """/proc/stat's first line -> the whole machine's CPU seconds since boot, by kind
+    (PROC_STAT_KINDS; guest time is already inside user)."""
+    fields = text.splitlines()[0].split()
+    if fields[0] != "cpu" or len(fields) < 9:
+        raise ValueError(f"not /proc/stat: {text[:40]!r}")
+    return {kind: int(value) / CLOCK_TICKS for kind, value in zip(PROC_STAT_KINDS, fields[1:9], strict=True)}
+
+
+def steal_seconds() -> float | None:
+    """CPU seconds this VM's vCPUs wanted to run while the hypervisor ran something else (steal),
+    since boot; None where /proc/stat cannot be read. A run whose steal is a tenth of a core or
+    more measured the neighbours as much as the code."""
+    try:
+        with open("/proc/stat") as stat:
+            return machine_cpu(stat.read())["steal"]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_cores(start: float | None, end: float | None, wall_s: float) -> float | None:
+    """Steal over a window, in cores (seconds of steal per second of wall time)."""
+    if start is None or end is None or wall_s <= 0:
+        return None
+    return round(max(0.0, end - start) / wall_s, 3)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by process `pid` (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as stat:

@@ -209,6 +209,18 @@ def test_machine_busy_time_and_the_load_of_other_processes():
     assert background_cores(1.0, 0.0, 0.0) is None
 
 
+def test_machine_cpu_reads_each_kind_and_steal_is_per_wall_second():
+    from bench.stats import CLOCK_TICKS, machine_cpu, steal_cores
+
+    cpu = machine_cpu("cpu  100 20 30 5000 40 5 6 7 50 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n")
+    assert cpu["steal"] == pytest.approx(7 / CLOCK_TICKS) and cpu["idle"] == pytest.approx(5000 / CLOCK_TICKS)
+    with pytest.raises(ValueError):
+        machine_cpu("cpu  1 2 3\n")  # too short to hold steal
+    assert steal_cores(10.0, 13.0, 20.0) == 0.15
+    assert steal_cores(10.0, 9.99, 20.0) == 0.0  # tick rounding never goes negative
+    assert steal_cores(None, 13.0, 20.0) is None and steal_cores(10.0, 13.0, 0.0) is None
+
+
 # -- voice-to-voice comparison (bench/v2v_stats.py) ---------------------------------------
 
 from bench.v2v_stats import (  # noqa: E402 - grouped with the tests that use them
