@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.mesh_side import FAKES, MeshUnderTest
 from bench.procs import ROOT, Procs, free_port, pinned, wait_for_port, wait_serving
 from bench.scenario import Latencies
-from bench.stats import spread, steal_cores, steal_seconds
+from bench.stats import passes, steal_cores, steal_seconds, summarise_runs
 from bench.venv import bench_python
 
 RESULTS = ROOT / "bench" / "results"
@@ -54,30 +54,6 @@ def pipecat_run(sessions: int, duration: float, mode: str, lat: Latencies, core:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["steal_cores"] = steal_cores(steal0, steal_seconds(), time.monotonic() - t0)  # over the whole run, warm-up too
     return result
-
-
-def summarise_runs(runs: list[dict]) -> dict:
-    """Median over repeats of each run's p50/p99 added latency, with the spread."""
-    return {
-        "p50": spread([r["added_ms"]["p50"] for r in runs])["median"],
-        "p99": spread([r["added_ms"]["p99"] for r in runs])["median"],
-        "p50_spread": spread([r["added_ms"]["p50"] for r in runs]),
-        "p99_spread": spread([r["added_ms"]["p99"] for r in runs]),
-        "cpu_cores": spread([r["server_cpu_cores"] for r in runs])["median"],
-        "turns": sum(r["turns"] for r in runs),
-        "underruns": sum(r["underruns"] for r in runs),
-        "missed_turns": sum(r["missed_turns"] for r in runs),
-        "session_errors": sum(r["error_count"] for r in runs),
-        "error_examples": sorted({e for r in runs for e in r["errors"]})[:3],
-        "steal_cores": max((r["steal_cores"] for r in runs if r.get("steal_cores") is not None), default=None),
-        "client_lag_p99_ms": max((r.get("client_lag_ms") or r.get("server_lag_ms") or {}).get("p99") or 0 for r in runs),
-    }
-
-
-def passes(summary: dict, limit_ms: float = 20.0) -> bool:
-    """The capacity criterion: every turn answered, no underruns, p99 added latency < limit."""
-    healthy = summary["underruns"] == 0 and summary["missed_turns"] == 0 and summary["turns"] > 0
-    return healthy and summary["p99"] is not None and summary["p99"] < limit_ms
 
 
 def grpc_round_trip() -> dict:

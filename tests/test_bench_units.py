@@ -221,6 +221,18 @@ def test_machine_cpu_reads_each_kind_and_steal_is_per_wall_second():
     assert steal_cores(None, 13.0, 20.0) is None and steal_cores(10.0, 13.0, 0.0) is None
 
 
+def test_summarise_runs_takes_the_median_latency_and_the_worst_steal():
+    from bench.stats import summarise_runs
+
+    def run(p50, steal):
+        return {"added_ms": {"p50": p50, "p99": p50 * 2}, "server_cpu_cores": 0.5, "turns": 10, "underruns": 0,
+                "missed_turns": 0, "error_count": 0, "errors": [], "steal_cores": steal}
+
+    summary = summarise_runs([run(4.0, 0.02), run(6.0, None), run(5.0, 0.3)])
+    assert (summary["p50"], summary["p99"], summary["turns"], summary["steal_cores"]) == (5.0, 10.0, 30, 0.3)
+    assert summarise_runs([run(4.0, None)])["steal_cores"] is None  # a machine whose /proc/stat says nothing
+
+
 # -- voice-to-voice comparison (bench/v2v_stats.py) ---------------------------------------
 
 from bench.v2v_stats import (  # noqa: E402 - grouped with the tests that use them

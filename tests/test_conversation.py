@@ -240,6 +240,9 @@ async def test_transcript_and_streamed_stereo_recording(fake_mesh):
         entries = probe.of("transcript")
         assert [(e.role, e.text) for e in entries] == [("user", "utterance 1"), ("assistant", "You said: utterance 1.")]
         assert all(e.timestamp.endswith("Z") and "T" in e.timestamp for e in entries)
+        # The user's entry follows what reported their turn (the reply's LLM request may go first).
+        kinds = probe.kinds()
+        assert kinds.index("turn_started") < kinds.index("user_transcript") < kinds.index("transcript"), kinds
         stereo = np.frombuffer(b"".join(r.chunk.data for r in probe.of("recording")), dtype="<i2").reshape(-1, 2)
         assert len(stereo) >= 1.9 * 16000  # the whole session, both channels
         loud = lambda channel: np.abs(stereo[:, channel]).max()  # noqa: E731

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 
 import grpc
 
@@ -40,20 +41,35 @@ REPLY_STALL_S = 15.0  # no audio, no text to the TTS, no tool call for this long
 _PASSABLE = (ev.Emit, ev.RecordTtfb, ev.Log, ev.CountDelayed, ev.StartTimer, ev.CancelTimer, ev.AddToContext)
 
 
+@dataclass(frozen=True)
+class _UpdateContext:
+    """The context half of an AddToContext that StartReply passed: the reply reads it."""
+    effect: ev.AddToContext
+
+
+@dataclass(frozen=True)
+class _TellObservers:
+    """Its observers' half, left where the AddToContext was: a recorder's transcript entry
+    still reaches the caller after the transcript and turn events that came before it."""
+    effect: ev.AddToContext
+
+
 def _reply_first(effects: list) -> list:
     """StartReply ahead of the effects just before it that only report (the final transcript to
     the caller, the STT's TTFB, timers): the reply's LLM request is the turn's critical path, and
     a reply task scheduled first runs before the caller's writer wakes for the transcript (about
     0.3 ms sooner here). The context it reads is still added first, and nothing the caller sees
-    changes order: the reply's first audio comes only after the LLM and the TTS have answered."""
+    changes order: the observers hear of the context where they did, and the reply's first audio
+    comes only after the LLM and the TTS have answered."""
     for index, effect in enumerate(effects):
         if type(effect) is ev.StartReply:
             start = index
             while start and isinstance(effects[start - 1], _PASSABLE):
                 start -= 1
             passed = effects[start:index]
-            return (effects[:start] + [e for e in passed if type(e) is ev.AddToContext] + [effect]
-                    + [e for e in passed if type(e) is not ev.AddToContext] + effects[index + 1:])
+            ahead = [_UpdateContext(e) for e in passed if type(e) is ev.AddToContext]
+            behind = [_TellObservers(e) if type(e) is ev.AddToContext else e for e in passed]
+            return effects[:start] + ahead + [effect] + behind + effects[index + 1:]
     return effects
 
 
@@ -131,6 +147,8 @@ class EffectRunner:
             ev.ClearPlayout: lambda e: self.playout.clear(e.turn_number),
             ev.ResetPlayoutClock: lambda e: self.playout.reset_clock(),
             ev.AddToContext: self._add_to_context,
+            _UpdateContext: lambda e: self._update_context(e.effect),
+            _TellObservers: lambda e: self._tell_observers(e.effect),
             ev.StartTimer: self._start_timer,
             ev.CancelTimer: self._cancel_timer,
             ev.TurnOpened: lambda e: [observer.turn_opened(e.turn) for observer in self.observers],
@@ -255,10 +273,16 @@ class EffectRunner:
             entry[1].cancel()
 
     def _add_to_context(self, effect: ev.AddToContext) -> None:
+        self._update_context(effect)
+        self._tell_observers(effect)
+
+    def _update_context(self, effect: ev.AddToContext) -> None:
         if effect.role == "user":
             self.context.add_user(effect.text)
         else:
             self.context.add_assistant(effect.text, interrupted=effect.interrupted)
+
+    def _tell_observers(self, effect: ev.AddToContext) -> None:
         for observer in self.observers:
             observer.said(effect.role, effect.text, effect.interrupted)
 

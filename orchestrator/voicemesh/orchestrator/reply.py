@@ -154,7 +154,7 @@ class BotReply:
         aggregator = SentenceAggregator(first_clause_words=first_clause_words(self.config))
         segment_id = 0
         first_delta = True
-        recorded_ttfb = False  # the LLM's TTFB metric, recorded once the first text has gone on
+        recorded_ttfb = False  # the LLM's TTFB metric: recorded once the first delta's sentences (if any) are written
         calls: list[llm_pb2.ToolCall] = []
         tool_rounds = 0
         speakable = False  # a piece the TTS will voice: markdown or emoji alone is cleaned to nothing
@@ -171,16 +171,18 @@ class BotReply:
                 await self._run_tools(llm_call, calls)
                 calls, tool_rounds = [], tool_rounds + 1
             elif kind == "delta":
-                for sentence in aggregator.push(response.delta.text):
-                    segment_id += 1
-                    self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
-                    await _write(tts_call, _piece(segment_id, sentence))
-                    # Bookkeeping after the write: the first sentence's write is on the critical path.
-                    self.turn.tts_characters += len(sentence)
-                    speakable = speakable or bool(clean_for_speech(sentence))
-                if not recorded_ttfb:
-                    recorded_ttfb = True
-                    metrics().ttfb.record(self.turn.ttfb_ms["llm"], {"service": "llm"})
+                try:
+                    for sentence in aggregator.push(response.delta.text):
+                        segment_id += 1
+                        self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
+                        self.turn.tts_characters += len(sentence)  # counted before the write: a barge-in may cancel it
+                        await _write(tts_call, _piece(segment_id, sentence))
+                        # The text cleaning after the write: the first sentence's write is on the critical path.
+                        speakable = speakable or bool(clean_for_speech(sentence))
+                finally:  # after the first delta's writes, or when a barge-in cancels one
+                    if not recorded_ttfb:
+                        recorded_ttfb = True
+                        metrics().ttfb.record(self.turn.ttfb_ms["llm"], {"service": "llm"})
             elif kind == "done":
                 usage = response.done.usage
                 self.turn.llm_usage = (usage.input_tokens, usage.output_tokens)

@@ -5,7 +5,7 @@ utterance about 70 % of a decode went to encoding the padding (base, 2 threads: 
 ~600 ms decode). CTranslate2's encoder takes shorter inputs, and the decoder attends to
 whatever the encoder gives it, so a decode here encodes the audio plus WINDOW_PAD_S of
 silence, rounded up to whole seconds (a few distinct shapes). Measured on the bench's voices
-(docs/performance.md#stt-levers): ~6x faster, at +0.9 points of word error rate against the
+(docs/stt-levers.md): ~6x faster, at +0.9 points of word error rate against the
 30 s window. "full" keeps faster-whisper's own window (its features zero-padded to 30 s).
 
 The decode itself is what faster-whisper's batched pipeline did on one clip: greedy (or beam)
