@@ -1,4 +1,4 @@
-"""The embedded Whisper STT's latency levers, measured side by side (docs/performance.md, "STT levers").
+"""The embedded Whisper STT's latency levers, measured side by side (docs/stt-levers.md).
 
 Every arm is a WhisperSttProvider with some settings; all arms live in one process and take
 turns, arm after arm, on the same fixture turn (A B A B ...), so a noisy machine slows them

@@ -43,7 +43,7 @@ from voicemesh.stt.providers.whisper_window import WINDOWS, WindowedWhisper
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 2  # at most; fewer when the process has fewer CPUs (runtime/cpu.py)
 DEFAULT_LANGUAGE = "en"
-DEFAULT_COMPUTE_TYPE = "int8"  # measured faster than float32 on 2 CPU cores (docs/performance.md)
+DEFAULT_COMPUTE_TYPE = "int8"  # measured faster than float32 on 2 CPU cores (docs/stt-levers.md)
 COMPUTE_TYPES = ("int8", "int8_float32", "float32")
 
 
