@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from support import ConverseProbe, Processes, event_is, fake_mesh
 from transport_harness import WsClient, start_transport
-from voicemesh.runtime.auth import KeyStore, digest, parse_key_file
+from voicemesh.runtime.auth import MISSING, KeyStore, digest, parse_key_file
 from voicemesh.runtime.fakes import FakeScript
 from voicemesh.transport.callers import twilio_signature, verify_telnyx, verify_twilio
 from voicemesh.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
@@ -127,6 +127,26 @@ async def converse_once(address: str, metadata) -> tuple[grpc.StatusCode, str, l
             return grpc.StatusCode.OK, "", events
 
     return await asyncio.to_thread(call)
+
+
+async def test_a_refused_converse_takes_the_first_write_and_answers_with_its_status(keyed):
+    """The refusal waits for the caller's first message, so a grpc.aio client's config write
+    never races it (a write the refusal overtakes reports INTERNAL in grpc.aio); a caller that
+    half-closes at once, or says nothing, is refused all the same."""
+    address, *_ = keyed
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        for attempt in range(100):  # bounded; the race, when it was there, lost about one write in a hundred
+            call = stub.Converse(metadata=bearer(KEY_B), timeout=60)
+            await call.write(pb.ConverseRequest(config=pb.SessionConfig()))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
+            assert (refused.value.code(), refused.value.details()) == (UNAUTH, "invalid API key"), attempt
+        call = stub.Converse(timeout=60)
+        await call.done_writing()
+        assert (await call.code(), await call.details()) == (UNAUTH, MISSING)
+        silent = stub.Converse(timeout=60)  # refused after the wait for a first message
+        assert await silent.code() == UNAUTH, await silent.details()
 
 
 async def test_converse_works_with_the_key(keyed):

@@ -10,8 +10,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import grpc
-
 from voicemesh.orchestrator import events
 from voicemesh.orchestrator.clients import ServiceClients
 from voicemesh.orchestrator.config import first_clause_words
@@ -22,22 +20,8 @@ from voicemesh.orchestrator.tracing import metrics
 from voicemesh.orchestrator.turn_events import Turn
 from voicemesh.runtime import telemetry
 from voicemesh.runtime.sentences import SentenceAggregator, clean_for_speech
+from voicemesh.runtime.streams import write_or_status
 from voicemesh.v1 import common_pb2, llm_pb2, orchestrator_pb2 as pb, tts_pb2
-
-
-async def _write(call, message) -> None:
-    """Write to a call; if the service has already ended the call, raise its own status. A write
-    to an ended grpc.aio call fails with "INTERNAL: Internal error from Core", which would hide
-    the service's reason (UNAVAILABLE: no healthy upstream, RESOURCE_EXHAUSTED, ...)."""
-    try:
-        await call.write(message)
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the latter: "RPC already finished"
-        if not call.done():
-            raise
-        code, details = await call.code(), await call.details()
-        if code == grpc.StatusCode.OK:
-            raise
-        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details) from None
 
 
 @dataclass
@@ -112,10 +96,10 @@ class BotReply:
         """Speak fixed text (greeting, say, re-prompt): TTS only."""
         tts_call = self.clients.tts.Synthesize(metadata=self._metadata())
         try:
-            await _write(tts_call, self._tts_config())
+            await write_or_status(tts_call, self._tts_config())
             self._tts_text_sent_at = time.monotonic()
             self.turn.tts_characters += len(text)
-            await _write(tts_call, _piece(1, text))
+            await write_or_status(tts_call, _piece(1, text))
             await tts_call.done_writing()
             await self._play(tts_call)
         finally:
@@ -138,8 +122,8 @@ class BotReply:
             )
             # The LLM request first: it is on the critical path; TTS is set up while the LLM thinks.
             # The request stream stays open: tool results go back on it (see _write_sentences).
-            await _write(llm_call, llm_pb2.GenerateRequest(chat=chat))
-            await _write(tts_call, self._tts_config())
+            await write_or_status(llm_call, llm_pb2.GenerateRequest(chat=chat))
+            await write_or_status(tts_call, self._tts_config())
             speaker = asyncio.ensure_future(self._play(tts_call))
             try:
                 await self._write_sentences(llm_call, tts_call)
@@ -176,7 +160,7 @@ class BotReply:
                         segment_id += 1
                         self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
                         self.turn.tts_characters += len(sentence)  # counted before the write: a barge-in may cancel it
-                        await _write(tts_call, _piece(segment_id, sentence))
+                        await write_or_status(tts_call, _piece(segment_id, sentence))
                         # The text cleaning after the write: the first sentence's write is on the critical path.
                         speakable = speakable or bool(clean_for_speech(sentence))
                 finally:  # after the first delta's writes, or when a barge-in cancels one
@@ -192,7 +176,7 @@ class BotReply:
             self._tts_text_sent_at = self._tts_text_sent_at or time.monotonic()
             self.turn.tts_characters += len(rest)
             speakable = speakable or bool(clean_for_speech(rest))
-            await _write(tts_call, _piece(segment_id, rest))
+            await write_or_status(tts_call, _piece(segment_id, rest))
         if not speakable and tool_rounds == 0 and not calls:
             raise EmptyReply()
         await llm_call.done_writing()
@@ -207,7 +191,7 @@ class BotReply:
         results = await self.env.tools.run(calls, self.turn.number)
         for result, _ in results:
             context.set_tool_result(result.tool_call_id, result.content)
-            await _write(llm_call, llm_pb2.GenerateRequest(tool_result=result))
+            await write_or_status(llm_call, llm_pb2.GenerateRequest(tool_result=result))
 
     async def _play(self, tts_call) -> None:
         """Queue audio and 'spoken' markers for the caller, in order."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
 
+import grpc
+
 
 async def with_reader(reader: Awaitable[None], results: AsyncIterator) -> AsyncIterator:
     """Yield from `results` while `reader` consumes the request stream in its own task.
@@ -40,3 +42,20 @@ async def with_reader(reader: Awaitable[None], results: AsyncIterator) -> AsyncI
             reader_task.cancel()
         elif not reader_task.cancelled() and reader_task.exception() is not None:
             raise reader_task.exception()
+
+
+async def write_or_status(call, message) -> None:
+    """Write to a client call; if the peer has already ended the call, raise its own status.
+
+    A write to an ended grpc.aio call fails with "INTERNAL: Internal error from Core", which
+    would hide the peer's reason (UNAUTHENTICATED, UNAVAILABLE: no healthy upstream,
+    RESOURCE_EXHAUSTED, ...). The peer's status is raised when the call already holds it."""
+    try:
+        await call.write(message)
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the latter: "RPC already finished"
+        if not call.done():
+            raise
+        code, details = await call.code(), await call.details()
+        if code == grpc.StatusCode.OK:
+            raise
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details) from None

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import grpc
 
+from voicemesh.runtime.streams import write_or_status
 from voicemesh.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 log = logging.getLogger("voicemesh.transport.bridge")
@@ -96,7 +97,10 @@ class ConverseBridge:
     async def open(self, timeout: float = 10.0) -> pb.SessionStarted:
         """Send the config and wait for SessionStarted; raises ConnectionError with the reason."""
         try:
-            await self.call.write(pb.ConverseRequest(config=self.config))
+            await write_or_status(self.call, pb.ConverseRequest(config=self.config))
+        except grpc.aio.AioRpcError as err:  # the call's own status: refused (UNAUTHENTICATED ...) or unreachable
+            self.outcome.code, self.outcome.details = err.code(), err.details() or ""
+            raise ConnectionError(self.outcome.describe()) from None
         except WRITE_ERRORS as err:
             raise ConnectionError(f"orchestrator unreachable: {err}") from None
         self._reader = asyncio.create_task(self._read(), name=f"converse-{self.label}")

@@ -1,5 +1,5 @@
-"""A write to a call the service has already ended reports the service's status, not the
-"Internal error from Core" grpc.aio raises for the write itself."""
+"""A write to a call the peer has already ended reports the peer's status, not the "Internal error
+from Core" grpc.aio raises for the write itself (voicemesh.runtime.streams.write_or_status)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from voicemesh.orchestrator.reply import _write
+from voicemesh.runtime.streams import write_or_status
 
 
 class _EndedCall:
@@ -36,7 +36,7 @@ async def test_the_service_status_replaces_the_write_error(write_error):
             raise asyncio.InvalidStateError("RPC already finished.")
         call.write = finished
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await _write(call, object())
+        await write_or_status(call, object())
     assert (raised.value.code(), raised.value.details()) == (grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
 
 
@@ -44,5 +44,5 @@ async def test_the_service_status_replaces_the_write_error(write_error):
                                   _EndedCall(grpc.StatusCode.UNAVAILABLE, "x", ended=False)])
 async def test_otherwise_the_write_error_stands(call):
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await _write(call, object())
+        await write_or_status(call, object())
     assert raised.value.code() == grpc.StatusCode.INTERNAL
