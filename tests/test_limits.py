@@ -183,10 +183,11 @@ async def test_sessions_beyond_the_cap_are_refused_before_any_state(mesh):
     try:
         for probe in probes:
             await probe.wait_for(lambda e: e.HasField("session_started"))
-        # Refused at once, before its config is read: it writes nothing (a write racing the
-        # refusal would fail on this side) and reads the status.
+        # Refused before any state, but after its first message: the config's write cannot race
+        # the refusal (grpc.aio would report INTERNAL for it), so the caller reads the reason.
         async with grpc.aio.insecure_channel(address) as channel:
             call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Converse(timeout=WAIT_S)
+            await call.write(pb.ConverseRequest(config=pb.SessionConfig()))
             responses = [response async for response in _until_status(call)]
             refused = call
         assert await refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (await refused.code(), await refused.details())
@@ -329,10 +330,6 @@ async def admitted_session(address: str) -> tuple[ConverseProbe, int]:
             await probe.__aenter__()
             await probe.wait_for(lambda e: e.HasField("session_started"))
             return probe, refusals
-        except grpc.aio.AioRpcError:  # the config's write came after the refusal: grpc.aio reads that as INTERNAL here
-            await probe.__aexit__(None, None, None)
-            if time.monotonic() > deadline:
-                raise
         except AssertionError:
             await probe.__aexit__(None, None, None)
             if probe.status != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:

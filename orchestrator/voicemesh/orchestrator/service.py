@@ -19,9 +19,10 @@ from voicemesh.orchestrator.clients import ServiceClients
 from voicemesh.orchestrator.config import check_against_backends
 from voicemesh.orchestrator.session import Session, SessionLimits
 from voicemesh.runtime.config import ServeSettings
-from voicemesh.runtime.errors import DeadlineExceeded, ResourceExhausted, first_message, stream_guard
+from voicemesh.runtime.errors import DeadlineExceeded, ResourceExhausted, StreamError, first_message, stream_guard
 from voicemesh.runtime.provider import ProviderInfo
 from voicemesh.runtime.server import ServiceDefinition, ServicerBase
+from voicemesh.runtime.streams import before_refusing
 from voicemesh.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 log = logging.getLogger("voicemesh.orchestrator")
@@ -99,10 +100,14 @@ class OrchestratorServicer(ServicerBase, orchestrator_pb2_grpc.OrchestratorServi
 
     async def Converse(self, request_iterator, context: grpc.aio.ServicerContext):
         async with stream_guard(context, "Converse"):
-            self.require_ready()
-            if self.max_sessions and self.active_sessions >= self.max_sessions:
-                raise ResourceExhausted(f"Converse: this orchestrator already holds {self.active_sessions} sessions, its limit "
-                                        f"({MAX_SESSIONS_ENV}={self.max_sessions}); retry later or on another replica")
+            try:
+                self.require_ready()
+                if self.max_sessions and self.active_sessions >= self.max_sessions:
+                    raise ResourceExhausted(f"Converse: this orchestrator already holds {self.active_sessions} sessions, its "
+                                            f"limit ({MAX_SESSIONS_ENV}={self.max_sessions}); retry later or on another replica")
+            except StreamError:
+                await before_refusing(request_iterator)  # so the caller's first write cannot race the refusal
+                raise
             self.active_sessions += 1  # counted from here: sessions waiting for their config hold a place too
             try:
                 config = await _read_config(request_iterator, self.config_timeout_s)

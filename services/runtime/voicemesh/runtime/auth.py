@@ -21,8 +21,6 @@ per call, so a refused call makes no session and costs nothing per message.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -36,9 +34,9 @@ from pathlib import Path
 
 import grpc
 
+from voicemesh.runtime.streams import before_refusing
+
 log = logging.getLogger("voicemesh.auth")
-# How long a refused streaming call waits for the caller's first message (see _deny).
-FIRST_MESSAGE_WAIT_SECS = 5.0
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # What a key protects, per service kind. Health and reflection stay open: the kubelet and Envoy
 # probe health without credentials, and reflection only describes the public, published schema.
@@ -140,17 +138,13 @@ def bearer(metadata) -> str | None:
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that ends the call with UNAUTHENTICATED.
-
-    A streaming call is refused after the caller's first message (or its half-close, or
-    FIRST_MESSAGE_WAIT_SECS of silence), not before: a grpc.aio client whose first write is
-    still in flight when the refusal lands reports "INTERNAL: Internal error from Core" and
-    loses this status. The message is taken as raw bytes, never parsed: the caller is unknown."""
+    """A handler of the same shape as `handler` that ends the call with UNAUTHENTICATED; a
+    streaming one after the caller's first message (streams.before_refusing), which it takes as
+    raw bytes, never parsed: the caller is unknown."""
 
     async def refuse(request, context):
         if handler.request_streaming:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(anext(aiter(request), None), FIRST_MESSAGE_WAIT_SECS)
+            await before_refusing(request)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,

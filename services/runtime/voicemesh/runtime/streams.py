@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable
 
 import grpc
+
+# How long a streaming call about to be refused waits for the caller's first message (see before_refusing).
+REFUSAL_WAIT_SECS = 5.0
 
 
 async def with_reader(reader: Awaitable[None], results: AsyncIterator) -> AsyncIterator:
@@ -59,3 +63,14 @@ async def write_or_status(call, message) -> None:
         if code == grpc.StatusCode.OK:
             raise
         raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details) from None
+
+
+async def before_refusing(request_iterator, timeout_s: float = REFUSAL_WAIT_SECS) -> None:
+    """Wait for a streaming caller's first message or its half-close, `timeout_s` at most, before
+    the handler refuses the call. A grpc.aio client whose first write is still in flight when the
+    refusal lands reports "INTERNAL: Internal error from Core" and loses the refusal's status
+    (UNAUTHENTICATED, RESOURCE_EXHAUSTED, UNAVAILABLE); the bound keeps a silent caller from
+    holding the call."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await anext(aiter(request_iterator), None)
