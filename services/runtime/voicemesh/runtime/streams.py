@@ -1,4 +1,5 @@
-"""Helpers for bidirectional stream handlers: read requests in a task, yield results, fail fast."""
+"""Helpers for streaming calls: read requests in a task, yield results, fail fast (handlers); wait
+before refusing a caller; raise the peer's own status when a write fails (clients)."""
 from __future__ import annotations
 
 import asyncio
