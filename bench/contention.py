@@ -26,9 +26,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.stats import machine_cpu, percentile
+from bench.stats import CLOCK_TICKS as CLK_TCK, machine_cpu, percentile
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 QUIET, BUSY, LIMITED = "quiet", "busy", "limited"
 CONDITIONS = (QUIET, BUSY, LIMITED)
 SAMPLE_S = 0.25  # the resource sampler's period (10 ms ticks: 0.04-core resolution)

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from support import ConverseProbe, Processes, event_is, fake_mesh
 from transport_harness import WsClient, start_transport
-from voicemesh.runtime.auth import MISSING, KeyStore, digest, parse_key_file
+from voicemesh.runtime.auth import MISSING, WRONG, KeyStore, digest, parse_key_file
 from voicemesh.runtime.fakes import FakeScript
 from voicemesh.transport.callers import twilio_signature, verify_telnyx, verify_twilio
 from voicemesh.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
@@ -141,7 +141,7 @@ async def test_a_refused_converse_takes_the_first_write_and_answers_with_its_sta
             await call.write(pb.ConverseRequest(config=pb.SessionConfig()))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call.read()
-            assert (refused.value.code(), refused.value.details()) == (UNAUTH, "invalid API key"), attempt
+            assert (refused.value.code(), refused.value.details()) == (UNAUTH, WRONG), attempt
         call = stub.Converse(timeout=60)
         await call.done_writing()
         assert (await call.code(), await call.details()) == (UNAUTH, MISSING)
